@@ -1,0 +1,3 @@
+from sdserver.cli import app
+
+app()

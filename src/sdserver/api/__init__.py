@@ -1,0 +1,1 @@
+"""HTTP adapters: one package per protocol, each a thin layer over the service."""

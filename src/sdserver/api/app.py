@@ -1,0 +1,54 @@
+"""The FastAPI application: wires settings, engine and scheduler to every protocol's router."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from sdserver import __version__
+from sdserver.api import errors
+from sdserver.api.original import router as original_router
+from sdserver.engine import Engine
+from sdserver.service.scheduler import Scheduler
+from sdserver.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, engine: Engine | None = None, *, loaded: bool = False) -> FastAPI:
+    """Build the app. The engine's models load during start-up unless `loaded` says they already are."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not loaded:
+            await run_in_threadpool(app.state.engine.load)
+        scheduler = Scheduler(
+            app.state.engine,
+            max_queue=settings.max_queue,
+            max_batch_size=settings.max_batch_size,
+            batch_window_s=settings.batch_window_ms / 1000,
+            max_images_per_request=settings.max_images_per_request,
+        )
+        scheduler.start()
+        app.state.scheduler = scheduler
+        log.info("ready: serving %s", ", ".join(app.state.engine.registry.names()))
+        try:
+            yield
+        finally:
+            await run_in_threadpool(scheduler.stop)
+
+    app = FastAPI(
+        title="sdserver",
+        version=__version__,
+        description="A local Stable Diffusion server speaking the original Stable Diffusion API Server's API.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine or Engine.from_settings(settings)
+    errors.install(app)
+    app.include_router(original_router)
+    return app

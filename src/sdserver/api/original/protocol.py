@@ -1,0 +1,89 @@
+"""The original API's fields, defaults and response shape, and their mapping to the core types."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from sdserver.core.types import GenerationRequest, GenerationResult, Task, validate_request
+from sdserver.imaging import png_base64
+
+# The original form fields and their defaults (read from the original server.py).
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "num_outputs": 1,
+    "num_inference_steps": 100,
+    "guidance_scale": 7.5,
+    "eta": 0.0,
+    "width": 512,
+    "height": 512,
+    "strength": 0.7,
+}
+# original field name -> core field name
+TO_CORE = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",  # not in the original; harmless and often asked for
+    "seed": "seed",
+    "num_outputs": "num_images",
+    "num_inference_steps": "steps",
+    "guidance_scale": "guidance_scale",
+    "eta": "eta",
+    "width": "width",
+    "height": "height",
+    "strength": "strength",
+    "init_image": "init_image",
+    "mask_image": "mask_image",
+}
+TO_ORIGINAL = {core: original for original, core in TO_CORE.items()}
+SIZED_TASKS = (Task.TXT2IMG,)  # img2img and masking take their size from init_image
+
+
+def to_generation_request(fields: Mapping[str, Any], task: Task, model: str | None) -> GenerationRequest:
+    values = {**DEFAULTS, **{k: v for k, v in fields.items() if k in TO_CORE and _given(k, v)}}
+    if task not in SIZED_TASKS:
+        values.pop("width", None)
+        values.pop("height", None)
+    else:
+        values.pop("strength", None)
+    data = {TO_CORE[name]: value for name, value in values.items()}
+    if str(data.get("seed", "")).strip() in ("0", "0.0"):
+        data["seed"] = None  # the original's "no seed": pick a random one
+    return validate_request({**data, "task": task, "model": model}, names=TO_ORIGINAL)
+
+
+def _given(name: str, value: Any) -> bool:
+    """An empty form field counts as absent (the prompt excepted: an empty prompt is an error)."""
+    return name == "prompt" or not (isinstance(value, str | bytes) and not value.strip())
+
+
+class ImageOut(BaseModel):
+    base64: str = Field(description="PNG image, base64, no data-URL prefix")
+    seed: int = Field(description="The seed that reproduces this image alone")
+    mime_type: str = "image/png"
+    mimetype: str = Field(default="image/png", description="Same as mime_type (the original README's name)")
+    nsfw: bool = Field(description="The model's safety checker flagged it (the image is then blacked out)")
+
+
+class SuccessResponse(BaseModel):
+    status: str = "success"
+    images: list[ImageOut]
+
+
+class FailureResponse(BaseModel):
+    status: str = "failure"
+    message: str
+
+
+class CustomModelOut(BaseModel):
+    model_path: str
+    ui_label: str
+    url_path: str
+    requires_safety_checker: bool
+
+
+def to_response(result: GenerationResult) -> SuccessResponse:
+    return SuccessResponse(
+        images=[ImageOut(base64=png_base64(out.image), seed=out.seed, nsfw=out.nsfw) for out in result.images]
+    )

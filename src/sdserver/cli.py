@@ -1,0 +1,86 @@
+"""Command line: `sdserver serve`, `sdserver make-tiny-model`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.logging import RichHandler
+
+from sdserver.core.errors import ConfigError, ModelLoadError
+
+app = typer.Typer(help="sdserver: a local Stable Diffusion inference server.", no_args_is_help=True)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(message)s", datefmt="[%X]", handlers=[RichHandler(show_path=False)]
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option(help="config.json in the original format [default: ./config.json]")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model: hub id, diffusers folder, or 'demo'")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address [default: 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [default: 1337]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cuda, cuda:N, mps or cpu [default: auto]")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float16, bfloat16, float32 [default: auto]")] = None,
+    max_queue: Annotated[int | None, typer.Option(help="Requests waiting at most [default: 64]")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Images per pipeline call at most [default: 8]")] = None,
+    batch_window_ms: Annotated[float | None, typer.Option(help="Wait for batch company [default: 20]")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Load the models and serve the API."""
+    import uvicorn
+
+    from sdserver.api.app import create_app
+    from sdserver.engine import Engine
+    from sdserver.settings import load_settings
+
+    _configure_logging(log_level)
+    log = logging.getLogger("sdserver")
+    try:
+        settings = load_settings(
+            config,
+            model=model,
+            host=host,
+            port=port,
+            device=device,
+            dtype=dtype,
+            max_queue=max_queue,
+            max_batch_size=max_batch_size,
+            batch_window_ms=batch_window_ms,
+        )
+        engine = Engine.from_settings(settings)
+        engine.load()
+    except (ConfigError, ModelLoadError) as exc:
+        log.error("cannot start: %s", exc.message)
+        raise typer.Exit(2) from None
+    log.info("listening on http://%s:%d", settings.host, settings.port)
+    uvicorn.run(
+        create_app(settings, engine, loaded=True),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level.lower(),
+        log_config=None,
+    )
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(
+    folder: Annotated[Path, typer.Argument(help="Output folder (a diffusers model folder)")],
+    inpainting: Annotated[bool, typer.Option(help="9-channel inpainting UNet")] = False,
+    safety_checker: Annotated[bool, typer.Option(help="Include a (random, never-flagging) safety checker")] = True,
+    always_flag: Annotated[bool, typer.Option(help="Make the safety checker flag every image")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights")] = 0,
+) -> None:
+    """Write a tiny random-weight Stable Diffusion model (a few MB, offline). It draws noise."""
+    from sdserver.engine.tiny import make_tiny_model as build
+
+    build(folder, inpainting=inpainting, safety_checker=safety_checker, always_flag=always_flag, seed=seed)
+    typer.echo(f"wrote {folder}")

@@ -1,0 +1,1 @@
+"""Protocol-independent types shared by every layer: requests, results, errors."""

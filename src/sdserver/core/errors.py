@@ -1,0 +1,60 @@
+"""One error hierarchy for the whole server.
+
+Each layer raises these; `sdserver.api.errors` maps them to HTTP status codes in one place,
+and each protocol renders them in its own response shape.
+"""
+
+from __future__ import annotations
+
+
+class SDServerError(Exception):
+    """Base class: `message` is safe to show to a client."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidRequest(SDServerError):
+    """The client sent something we cannot serve (names the field and the bad value)."""
+
+
+class NotFound(SDServerError):
+    """The client named something that does not exist (a model, a job, a route)."""
+
+
+class Overloaded(SDServerError):
+    """The queue is full; the client should retry later."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Timeout(SDServerError):
+    """A request waited past its deadline."""
+
+
+class Cancelled(SDServerError):
+    """The request was cancelled before it finished."""
+
+
+class Unavailable(SDServerError):
+    """The server cannot take work right now (starting, draining, worker gone)."""
+
+
+class ConfigError(SDServerError):
+    """The configuration is unusable; start-up stops with this one-line message."""
+
+
+class ModelLoadError(SDServerError):
+    """A model could not be loaded."""
+
+
+class GenerationError(SDServerError):
+    """The pipeline failed while generating."""
+
+
+class OutOfMemory(GenerationError):
+    """The device ran out of memory; the cache was freed and the next request may succeed."""

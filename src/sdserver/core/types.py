@@ -1,0 +1,147 @@
+"""The protocol-independent generation request and result.
+
+Every protocol adapter maps its own fields onto `GenerationRequest`; validation of values lives here,
+once, so every protocol rejects the same bad input with the same message.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Annotated, Any
+
+from PIL import Image
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from sdserver.core.errors import InvalidRequest
+from sdserver.imaging import decode_image
+
+MAX_SEED = 2**63 - 1
+
+
+class Task(StrEnum):
+    TXT2IMG = "txt2img"
+    IMG2IMG = "img2img"
+    INPAINT = "inpaint"
+
+
+def _image(value: Any) -> Any:
+    if value is None or isinstance(value, Image.Image):
+        return value
+    if isinstance(value, str | bytes):
+        if not value:
+            return None  # an empty form field means "not given"
+        return decode_image(value)
+    raise ValueError("expected a base64-encoded image")
+
+
+ImageField = Annotated[Any, BeforeValidator(_image)]
+
+
+class GenerationRequest(BaseModel):
+    """One client request: `num_images` images from one prompt, image i seeded with `seed + i`."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", frozen=True)
+
+    task: Task = Task.TXT2IMG
+    model: str | None = None  # registry name; None is the base model
+    prompt: str = Field(min_length=1)
+    negative_prompt: str | None = None
+    num_images: int = Field(default=1, ge=1)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)  # None: pick a random one
+    steps: int = Field(default=50, ge=1)
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=100.0, allow_inf_nan=False)
+    eta: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    width: int | None = Field(default=None, ge=8, le=8192)  # None: the model's native size
+    height: int | None = Field(default=None, ge=8, le=8192)
+    strength: float = Field(default=0.7, ge=0.0, le=1.0, allow_inf_nan=False)
+    init_image: ImageField = None
+    mask_image: ImageField = None
+
+    @model_validator(mode="after")
+    def _check_inputs(self) -> GenerationRequest:
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and value % 8:
+                raise _field_error(name, value, "must be a multiple of 8")
+        if self.task in (Task.IMG2IMG, Task.INPAINT) and self.init_image is None:
+            raise _field_error("init_image", None, f"is required for {self.task.value}")
+        if self.task is Task.INPAINT and self.mask_image is None:
+            raise _field_error("mask_image", None, "is required for inpaint")
+        if self.task is not Task.TXT2IMG and self.strength == 0.0:
+            raise _field_error("strength", self.strength, "must be above 0 (0 would change nothing)")
+        return self
+
+    def with_seed(self) -> GenerationRequest:
+        """Fix a random seed now, so the result reports the seed that reproduces it."""
+        if self.seed is not None:
+            return self
+        return self.model_copy(update={"seed": secrets.randbelow(2**32 - self.num_images) + 1})
+
+    @property
+    def seeds(self) -> list[int]:
+        if self.seed is None:
+            raise RuntimeError("seeds are only known after with_seed()")
+        return [self.seed + i for i in range(self.num_images)]
+
+
+class _FieldError(ValueError):
+    def __init__(self, name: str, value: Any, reason: str) -> None:
+        super().__init__(reason)
+        self.name, self.value, self.reason = name, value, reason
+
+
+def _field_error(name: str, value: Any, reason: str) -> _FieldError:
+    return _FieldError(name, value, reason)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validate_request(data: Mapping[str, Any], names: Mapping[str, str] | None = None) -> GenerationRequest:
+    """Build a GenerationRequest, turning the first problem into an InvalidRequest.
+
+    `names` maps internal field names to the client's own (e.g. num_images -> num_outputs),
+    so the message names the field the client actually sent.
+    """
+    names = names or {}
+    try:
+        return GenerationRequest(**data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        context_error = (error.get("ctx") or {}).get("error")
+        if isinstance(context_error, _FieldError):
+            field_name, value, reason = context_error.name, context_error.value, context_error.reason
+        else:
+            field_name = str(error["loc"][0]) if error["loc"] else "request"
+            value, reason = error.get("input"), error["msg"].removeprefix("Value error, ")
+            reason = reason[0].lower() + reason[1:] if reason else reason
+        shown = names.get(field_name, field_name)
+        if error["type"] == "missing" or value is None:
+            message = f"{shown}: {reason}"
+        else:
+            message = f"{shown}: {reason}, got {_short(value)}"
+        raise InvalidRequest(message, field=shown) from None
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    nsfw: bool
+
+
+@dataclass
+class GenerationResult:
+    model: str
+    images: list[GeneratedImage] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total: int

@@ -1,0 +1,83 @@
+"""The engine: owns the device and the loaded models; the service's only way to torch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from PIL import Image
+
+from sdserver.core.errors import Cancelled, GenerationError, OutOfMemory, SDServerError
+from sdserver.core.types import GeneratedImage, GenerationRequest
+from sdserver.engine.device import free_device_memory, is_out_of_memory, pick_device, pick_dtype
+from sdserver.engine.registry import ModelSpec, Registry, specs_from_settings
+from sdserver.engine.runner import StepCallback, run_batch
+from sdserver.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, registry: Registry, *, fall_back_to_demo: bool = False) -> None:
+        self.registry = registry
+        self._fall_back_to_demo = fall_back_to_demo
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Engine:
+        device = pick_device(settings.device)
+        registry = Registry(
+            specs_from_settings(settings),
+            device=device,
+            dtype=pick_dtype(settings.dtype, device),
+            token=settings.hf_token,
+        )
+        return cls(registry, fall_back_to_demo=not settings.model_explicit)
+
+    def load(self) -> None:
+        """Load every configured model (slow: call before serving)."""
+        self.registry.load_all(fall_back_to_demo=self._fall_back_to_demo)
+
+    def models(self) -> list[ModelSpec]:
+        return [self.registry.spec(name) for name in self.registry.names()]
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """Check the request against its model and fill what the model decides (name, size)."""
+        spec = self.registry.spec(request.model)
+        update: dict[str, object] = {"model": spec.name}
+        if request.init_image is not None:
+            init = _fit_to_multiple(request.init_image, 8)
+            update.update(init_image=init, width=init.width, height=init.height)
+            if request.mask_image is not None:
+                update["mask_image"] = request.mask_image.convert("L").resize(init.size, Image.Resampling.LANCZOS)
+        else:
+            native = self.registry.get(spec.name).native_size
+            update.update(width=request.width or native, height=request.height or native)
+        return request.model_copy(update=update)
+
+    def run(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[GeneratedImage]]:
+        """Run prepared, compatible requests as one pipeline call."""
+        model = self.registry.get(requests[0].model)
+        try:
+            return run_batch(model, requests, on_step)
+        except SDServerError:
+            raise  # e.g. Cancelled raised by on_step
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                free_device_memory(self.registry.device)
+                raise OutOfMemory(
+                    f"the {self.registry.device.type} device ran out of memory; try fewer or smaller images"
+                ) from exc
+            log.exception("generation failed")
+            raise GenerationError(f"generation failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _fit_to_multiple(image: Image.Image, multiple: int) -> Image.Image:
+    """Crop-free resize down to the nearest multiple, as the pipelines would do anyway."""
+    width = max(multiple, image.width - image.width % multiple)
+    height = max(multiple, image.height - image.height % multiple)
+    if (width, height) == image.size:
+        return image
+    return image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+__all__ = ["Cancelled", "Engine"]

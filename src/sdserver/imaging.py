@@ -1,0 +1,82 @@
+"""Images in and out: base64 / data-URL decoding with limits, RGB conversion, PNG encoding."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
+# Decoding happens before any size check of ours, so cap the pixels PIL will decode at all.
+MAX_DECODE_PIXELS = 64 * 1024 * 1024
+_DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
+
+
+def strip_data_url(text: str) -> str:
+    """Drop a `data:image/...;base64,` prefix and whitespace, and undo form-encoding damage."""
+    text = _DATA_URL.sub("", text.strip(), count=1)
+    # A '+' sent unescaped in a form body arrives as ' '; base64 never contains spaces.
+    return re.sub(r"[\r\n\t]", "", text).replace(" ", "+")
+
+
+def b64decode(text: str) -> bytes:
+    """Decode standard or URL-safe base64, tolerating missing padding."""
+    body = strip_data_url(text)
+    body += "=" * (-len(body) % 4)
+    try:
+        if "-" in body or "_" in body:
+            return base64.urlsafe_b64decode(body)
+        return base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"not valid base64 ({exc})") from exc
+
+
+def decode_image(value: str | bytes) -> Image.Image:
+    """Turn base64 text (optionally a data URL) or raw bytes into an RGB image.
+
+    Raises ValueError with a client-facing reason; callers attach the field name.
+    """
+    raw = b64decode(value) if isinstance(value, str) else value
+    if not raw:
+        raise ValueError("empty image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(raw), formats=ALLOWED_FORMATS)
+            if image.width * image.height > MAX_DECODE_PIXELS:
+                raise ValueError(
+                    f"image is {image.width}x{image.height}, over the limit of {MAX_DECODE_PIXELS} pixels"
+                )
+            image.load()
+        except UnidentifiedImageError as exc:
+            raise ValueError("not a PNG, JPEG or WebP image") from exc
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ValueError(f"image too large to decode ({exc})") from exc
+        except (OSError, SyntaxError) as exc:
+            raise ValueError(f"could not decode image ({exc})") from exc
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Flatten any mode (palette, RGBA, CMYK, 16-bit) to 8-bit RGB; transparency becomes white."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_base64(image: Image.Image) -> str:
+    return base64.b64encode(encode_png(image)).decode("ascii")

@@ -1,0 +1,127 @@
+"""A Job wraps one GenerationRequest on its way through the queue: status, progress, result, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from sdserver.core.errors import Cancelled, SDServerError
+from sdserver.core.types import GenerationRequest, GenerationResult, Progress
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+Listener = Callable[["Job"], None]
+
+
+@dataclass(eq=False)
+class Job:
+    request: GenerationRequest  # prepared and seeded
+    deadline: float | None = None  # time.monotonic() by which it must have started
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    status: JobStatus = JobStatus.QUEUED
+    progress: Progress | None = None
+    result: GenerationResult | None = None
+    error: SDServerError | None = None
+    created_at: float = field(default_factory=time.time)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    finished_at: float | None = None
+    cancel_requested: bool = False
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _listeners: list[Listener] = field(default_factory=list, repr=False)
+
+    @property
+    def batch_key(self) -> tuple[object, ...]:
+        """Jobs with equal keys can share one pipeline call."""
+        r = self.request
+        return (r.model, r.task, r.width, r.height, r.steps, r.guidance_scale, r.eta, r.strength)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def add_listener(self, listener: Listener) -> None:
+        """Called (from the worker thread) on every progress update and once at the end."""
+        with self._lock:
+            self._listeners.append(listener)
+        if self.done:
+            listener(self)
+
+    def remove_listener(self, listener: Listener) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def mark_running(self) -> None:
+        self.status, self.started_at = JobStatus.RUNNING, time.time()
+        self._notify()
+
+    def report(self, progress: Progress) -> None:
+        self.progress = progress
+        self._notify()
+
+    def succeed(self, result: GenerationResult) -> None:
+        self.result = result
+        self._finish(JobStatus.SUCCEEDED)
+
+    def fail(self, error: SDServerError) -> None:
+        self.error = error
+        self._finish(JobStatus.CANCELLED if isinstance(error, Cancelled) else JobStatus.FAILED)
+
+    def _finish(self, status: JobStatus) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            self.status, self.finished_at = status, time.time()
+            self._done.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(self)
+
+    def wait(self, timeout: float | None = None) -> GenerationResult:
+        """Block until finished; return the result or raise the job's error."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"job {self.id} still {self.status}")
+        return self._outcome()
+
+    async def wait_async(self) -> GenerationResult:
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[None] = loop.create_future()
+
+        def on_change(job: Job) -> None:
+            if job.done:
+                loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+
+        self.add_listener(on_change)
+        try:
+            await finished
+        finally:
+            self.remove_listener(on_change)
+        return self._outcome()
+
+    def _outcome(self) -> GenerationResult:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result

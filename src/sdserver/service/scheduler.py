@@ -1,0 +1,235 @@
+"""One scheduler per device: a bounded queue, a batcher, and the worker thread that owns the device.
+
+Flow: `submit` prepares and seeds the request (bad input fails here, before queueing), stamps a
+deadline and enqueues a Job. The worker takes the oldest job, waits up to `batch_window_s` for
+compatible company (same batch key) up to `max_batch_size` images, drops cancelled and expired
+jobs, and runs the batch as one engine call. If a batch fails, its jobs are retried one by one so a
+bad request cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Protocol
+
+from sdserver.core.errors import (
+    Cancelled,
+    GenerationError,
+    InvalidRequest,
+    NotFound,
+    OutOfMemory,
+    Overloaded,
+    SDServerError,
+    Timeout,
+    Unavailable,
+)
+from sdserver.core.types import GeneratedImage, GenerationRequest, GenerationResult, Progress
+from sdserver.service.jobs import Job, JobStatus
+
+log = logging.getLogger(__name__)
+
+
+class EngineLike(Protocol):
+    def prepare(self, request: GenerationRequest) -> GenerationRequest: ...
+
+    def run(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[GeneratedImage]]: ...
+
+
+class StepCallback(Protocol):
+    def __call__(self, step: int, total: int) -> None: ...
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: EngineLike,
+        *,
+        max_queue: int = 64,
+        max_batch_size: int = 8,
+        batch_window_s: float = 0.02,
+        queue_timeout_s: float | None = None,
+        max_images_per_request: int = 8,
+    ) -> None:
+        self.engine = engine
+        self.max_queue = max_queue
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_s
+        self.queue_timeout_s = queue_timeout_s
+        self.max_images_per_request = max_images_per_request
+        self.jobs: dict[str, Job] = {}
+        self._queue: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="sdserver-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking work; fail whatever is still queued; wait for the running batch."""
+        with self._wakeup:
+            self._stopping = True
+            leftovers = list(self._queue)
+            self._queue.clear()
+            self._wakeup.notify_all()
+        for job in leftovers:
+            job.fail(Unavailable("the server is shutting down; the request was not run"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- submitting ------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> Job:
+        if request.num_images > self.max_images_per_request:
+            raise InvalidRequest(
+                f"num_images: {request.num_images} is over the limit of {self.max_images_per_request}",
+                field="num_images",
+            )
+        prepared = self.engine.prepare(request).with_seed()
+        deadline = None if self.queue_timeout_s is None else time.monotonic() + self.queue_timeout_s
+        job = Job(request=prepared, deadline=deadline)
+        with self._wakeup:
+            if self._stopping or not self.alive:
+                raise Unavailable("the server is not accepting work (starting or shutting down)")
+            if len(self._queue) >= self.max_queue:
+                raise Overloaded(f"the queue is full ({self.max_queue} waiting); retry shortly")
+            self._queue.append(job)
+            self.jobs[job.id] = job
+            self._wakeup.notify_all()
+        return job
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Submit and wait; if the caller goes away (task cancelled), the job is cancelled too."""
+        job = self.submit(request)
+        try:
+            return await job.wait_async()
+        except asyncio.CancelledError:
+            self.cancel(job.id)
+            raise
+
+    def get(self, job_id: str) -> Job:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise NotFound(f"job {job_id!r} not found") from None
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued job now, or a running one at its next denoising step."""
+        job = self.get(job_id)
+        with self._wakeup:
+            job.cancel_requested = True
+            queued = job in self._queue
+            if queued:
+                self._queue.remove(job)
+        if queued:
+            job.fail(Cancelled("cancelled while queued"))
+        return job
+
+    def queue_position(self, job: Job) -> int | None:
+        """0-based place in the queue, None once it left it."""
+        with self._wakeup:
+            try:
+                return self._queue.index(job)
+            except ValueError:
+                return None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    # -- the worker ------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._wakeup:
+            while not self._queue and not self._stopping:
+                self._wakeup.wait()
+            if self._stopping and not self._queue:
+                return None
+            first = self._queue.popleft()
+            batch, images = [first], first.request.num_images
+            window_ends = time.monotonic() + self.batch_window_s
+            while images < self.max_batch_size:
+                for job in list(self._queue):
+                    if job.batch_key == first.batch_key and images + job.request.num_images <= self.max_batch_size:
+                        self._queue.remove(job)
+                        batch.append(job)
+                        images += job.request.num_images
+                remaining = window_ends - time.monotonic()
+                if images >= self.max_batch_size or remaining <= 0 or self._stopping:
+                    break
+                self._wakeup.wait(remaining)
+        return [job for job in batch if self._still_wanted(job)]
+
+    def _still_wanted(self, job: Job) -> bool:
+        if job.cancel_requested:
+            job.fail(Cancelled("cancelled while queued"))
+            return False
+        if job.deadline is not None and time.monotonic() > job.deadline:
+            job.fail(Timeout(f"the request waited over {self.queue_timeout_s:g}s in the queue and was dropped"))
+            return False
+        return True
+
+    def _run(self, batch: list[Job]) -> None:
+        if not batch:
+            return
+        for job in batch:
+            job.mark_running()
+        try:
+            outputs = self.engine.run([job.request for job in batch], self._progress_reporter(batch))
+        except Cancelled as exc:
+            for job in batch:
+                job.fail(exc)
+            return
+        except GenerationError as exc:
+            if len(batch) > 1 and not isinstance(exc, OutOfMemory):
+                log.warning("a batch of %d failed (%s); retrying its requests one by one", len(batch), exc)
+                for job in batch:
+                    self._run([job])
+                return
+            for job in batch:
+                job.fail(exc)
+            return
+        except SDServerError as exc:
+            for job in batch:
+                job.fail(exc)
+            return
+        except Exception as exc:  # a bug of ours: the request gets a clear error, the worker lives on
+            log.exception("worker error")
+            for job in batch:
+                job.fail(GenerationError(f"internal error: {type(exc).__name__}: {exc}"))
+            return
+        for job, images in zip(batch, outputs, strict=True):
+            if job.cancel_requested:
+                job.fail(Cancelled("cancelled while running"))
+            else:
+                job.succeed(GenerationResult(model=job.request.model or "", images=images))
+
+    @staticmethod
+    def _progress_reporter(batch: list[Job]) -> StepCallback:
+        def on_step(step: int, total: int) -> None:
+            for job in batch:
+                job.report(Progress(step=step, total=total))
+            if all(job.cancel_requested for job in batch):
+                raise Cancelled("cancelled while running")
+
+        return on_step
+
+
+__all__ = ["EngineLike", "JobStatus", "Scheduler"]

@@ -1,0 +1,139 @@
+"""All settings in one pydantic-settings class.
+
+Sources, highest priority first: CLI flags, environment (`SDSERVER_*`, `HF_TOKEN`), then the
+`config.json` file in the original server's format (`hf_token`, `custom_models`) plus our keys.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from sdserver.core.errors import ConfigError
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEMO_MODEL = "demo"
+_URL_PATH = re.compile(r"^[A-Za-z0-9._~-]+$")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+_file_values: ContextVar[dict[str, Any]] = ContextVar("sdserver_config_file", default={})
+
+
+class CustomModel(BaseModel):
+    """One entry of the original `custom_models` list, kept as the client sees it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model_path: str
+    ui_label: str
+    url_path: str
+    requires_safety_checker: bool = False
+
+    @field_validator("requires_safety_checker", mode="before")
+    @classmethod
+    def _loose_bool(cls, value: Any) -> Any:
+        # The original README documented the value as the string "true | false".
+        if isinstance(value, str):
+            return value.strip().lower() in ("true", "1", "yes")
+        return value
+
+    @field_validator("url_path")
+    @classmethod
+    def _url_safe(cls, value: str) -> str:
+        if not _URL_PATH.match(value):
+            raise ValueError(f"url_path {value!r} must use only letters, digits, '.', '_', '~' and '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _path_exists(self) -> CustomModel:
+        if not is_hub_id(self.model_path) and not Path(self.model_path).expanduser().is_dir():
+            raise ValueError(f"model_path {self.model_path!r} of {self.url_path!r} is not a folder")
+        return self
+
+
+def is_hub_id(source: str) -> bool:
+    """A `owner/name` string that is not an existing local path is taken as a Hugging Face hub id."""
+    return bool(_HUB_ID.match(source)) and not Path(source).expanduser().exists()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SDSERVER_", extra="ignore", populate_by_name=True)
+
+    model: str | None = None  # hub id, local diffusers folder, or "demo"; None: the default (see resolve)
+    hf_token: str | None = Field(default=None, validation_alias=AliasChoices("hf_token", "HF_TOKEN"))
+    custom_models: list[CustomModel] = Field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = Field(default=1337, ge=0, le=65535)
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"  # auto: fp16 on CUDA, fp32 otherwise
+    max_queue: int = Field(default=64, ge=1)
+    max_batch_size: int = Field(default=8, ge=1)
+    batch_window_ms: float = Field(default=20.0, ge=0)
+    max_images_per_request: int = Field(default=8, ge=1)
+
+    @model_validator(mode="after")
+    def _unique_url_paths(self) -> Settings:
+        seen: set[str] = set()
+        for custom in self.custom_models:
+            if custom.url_path in seen:
+                raise ValueError(f"duplicate url_path {custom.url_path!r} in custom_models")
+            seen.add(custom.url_path)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, InitSettingsSource(settings_cls, _file_values.get())
+
+    @property
+    def model_explicit(self) -> bool:
+        return self.model is not None
+
+    @property
+    def base_model(self) -> str:
+        return self.model or DEFAULT_MODEL
+
+
+def read_config_file(path: Path, *, required: bool) -> dict[str, Any]:
+    if not path.exists():
+        if required:
+            raise ConfigError(f"config file {str(path)!r} not found (pass --model to run without one)")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings:
+    """Merge config file, environment and CLI overrides (None means "not given") into Settings."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    path = config_path or Path("config.json")
+    file_values = read_config_file(path, required=config_path is not None and "model" not in given)
+    token = _file_values.set(file_values)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "config"
+        reason = error["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"invalid configuration ({path}): {where}: {reason}") from None
+    finally:
+        _file_values.reset(token)
