@@ -16,6 +16,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from sdserver.core.errors import ConfigError
+from sdserver.core.types import Limits
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEMO_MODEL = "demo"
@@ -63,7 +64,7 @@ def is_hub_id(source: str) -> bool:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SDSERVER_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="SDSERVER_", env_nested_delimiter="__", extra="ignore", populate_by_name=True)
 
     model: str | None = None  # hub id, local diffusers folder, or "demo"; None: the default (see resolve)
     hf_token: str | None = Field(default=None, validation_alias=AliasChoices("hf_token", "HF_TOKEN"))
@@ -75,7 +76,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=64, ge=1)
     max_batch_size: int = Field(default=8, ge=1)
     batch_window_ms: float = Field(default=20.0, ge=0)
-    max_images_per_request: int = Field(default=8, ge=1)
+    limits: Limits = Field(default_factory=Limits)
 
     @model_validator(mode="after")
     def _unique_url_paths(self) -> Settings:

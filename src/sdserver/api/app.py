@@ -31,7 +31,6 @@ def create_app(settings: Settings, engine: Engine | None = None, *, loaded: bool
             max_queue=settings.max_queue,
             max_batch_size=settings.max_batch_size,
             batch_window_s=settings.batch_window_ms / 1000,
-            max_images_per_request=settings.max_images_per_request,
         )
         scheduler.start()
         app.state.scheduler = scheduler

@@ -13,7 +13,15 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 from PIL import Image
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from sdserver.core.errors import InvalidRequest
 from sdserver.imaging import decode_image
@@ -40,6 +48,16 @@ def _image(value: Any) -> Any:
 ImageField = Annotated[Any, BeforeValidator(_image)]
 
 
+class Limits(BaseModel):
+    """Server-side caps on what one request may ask for (configurable in Settings)."""
+
+    max_images: int = Field(default=8, ge=1)
+    max_steps: int = Field(default=150, ge=1)
+    max_side: int = Field(default=2048, ge=8)
+    max_pixels: int = Field(default=2048 * 2048, ge=64)
+    max_prompt_chars: int = Field(default=4000, ge=1)
+
+
 class GenerationRequest(BaseModel):
     """One client request: `num_images` images from one prompt, image i seeded with `seed + i`."""
 
@@ -61,11 +79,26 @@ class GenerationRequest(BaseModel):
     mask_image: ImageField = None
 
     @model_validator(mode="after")
-    def _check_inputs(self) -> GenerationRequest:
+    def _check_inputs(self, info: ValidationInfo) -> GenerationRequest:
+        limits: Limits = (info.context or {}).get("limits") or Limits()
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and value % 8:
                 raise _field_error(name, value, "must be a multiple of 8")
+            if value is not None and value > limits.max_side:
+                raise _field_error(name, value, f"is over the limit of {limits.max_side}")
+        if self.width and self.height and self.width * self.height > limits.max_pixels:
+            raise _field_error("width", self.width, f"x height {self.height} is over {limits.max_pixels} pixels")
+        for name, value, limit in (
+            ("num_images", self.num_images, limits.max_images),
+            ("steps", self.steps, limits.max_steps),
+        ):
+            if value > limit:
+                raise _field_error(name, value, f"is over the limit of {limit}")
+        for name in ("prompt", "negative_prompt"):
+            length = len(getattr(self, name) or "")
+            if length > limits.max_prompt_chars:
+                raise _field_error(name, None, f"is {length} characters, over the limit of {limits.max_prompt_chars}")
         if self.task in (Task.IMG2IMG, Task.INPAINT) and self.init_image is None:
             raise _field_error("init_image", None, f"is required for {self.task.value}")
         if self.task is Task.INPAINT and self.mask_image is None:
@@ -102,7 +135,9 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def validate_request(data: Mapping[str, Any], names: Mapping[str, str] | None = None) -> GenerationRequest:
+def validate_request(
+    data: Mapping[str, Any], names: Mapping[str, str] | None = None, limits: Limits | None = None
+) -> GenerationRequest:
     """Build a GenerationRequest, turning the first problem into an InvalidRequest.
 
     `names` maps internal field names to the client's own (e.g. num_images -> num_outputs),
@@ -110,7 +145,7 @@ def validate_request(data: Mapping[str, Any], names: Mapping[str, str] | None = 
     """
     names = names or {}
     try:
-        return GenerationRequest(**data)
+        return GenerationRequest.model_validate(data, context={"limits": limits or Limits()})
     except ValidationError as exc:
         error = exc.errors()[0]
         context_error = (error.get("ctx") or {}).get("error")

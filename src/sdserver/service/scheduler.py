@@ -20,7 +20,6 @@ from typing import Protocol
 from sdserver.core.errors import (
     Cancelled,
     GenerationError,
-    InvalidRequest,
     NotFound,
     OutOfMemory,
     Overloaded,
@@ -53,14 +52,12 @@ class Scheduler:
         max_batch_size: int = 8,
         batch_window_s: float = 0.02,
         queue_timeout_s: float | None = None,
-        max_images_per_request: int = 8,
     ) -> None:
         self.engine = engine
         self.max_queue = max_queue
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self.queue_timeout_s = queue_timeout_s
-        self.max_images_per_request = max_images_per_request
         self.jobs: dict[str, Job] = {}
         self._queue: deque[Job] = deque()
         self._running: list[Job] = []
@@ -91,11 +88,6 @@ class Scheduler:
 
     # -- submitting ------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Job:
-        if request.num_images > self.max_images_per_request:
-            raise InvalidRequest(
-                f"num_images: {request.num_images} is over the limit of {self.max_images_per_request}",
-                field="num_images",
-            )
         prepared = self.engine.prepare(request).with_seed()
         deadline = None if self.queue_timeout_s is None else time.monotonic() + self.queue_timeout_s
         job = Job(request=prepared, deadline=deadline)

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from sdserver.core.types import GenerationRequest, GenerationResult, Task, validate_request
+from sdserver.core.types import GenerationRequest, GenerationResult, Limits, Task, validate_request
 from sdserver.imaging import png_base64
 
 # The original form fields and their defaults (read from the original server.py).
@@ -40,7 +40,9 @@ TO_ORIGINAL = {core: original for original, core in TO_CORE.items()}
 SIZED_TASKS = (Task.TXT2IMG,)  # img2img and masking take their size from init_image
 
 
-def to_generation_request(fields: Mapping[str, Any], task: Task, model: str | None) -> GenerationRequest:
+def to_generation_request(
+    fields: Mapping[str, Any], task: Task, model: str | None, limits: Limits
+) -> GenerationRequest:
     values = {**DEFAULTS, **{k: v for k, v in fields.items() if k in TO_CORE and _given(k, v)}}
     if task not in SIZED_TASKS:
         values.pop("width", None)
@@ -50,7 +52,7 @@ def to_generation_request(fields: Mapping[str, Any], task: Task, model: str | No
     data = {TO_CORE[name]: value for name, value in values.items()}
     if str(data.get("seed", "")).strip() in ("0", "0.0"):
         data["seed"] = None  # the original's "no seed": pick a random one
-    return validate_request({**data, "task": task, "model": model}, names=TO_ORIGINAL)
+    return validate_request({**data, "task": task, "model": model}, names=TO_ORIGINAL, limits=limits)
 
 
 def _given(name: str, value: Any) -> bool:

@@ -36,9 +36,12 @@ async def custom_models(settings: SettingsDep) -> list[CustomModelOut]:
     return [CustomModelOut(**custom.model_dump()) for custom in settings.custom_models]
 
 
-async def _generate(request: Request, scheduler: Scheduler, task: Task, model: str | None) -> SuccessResponse:
+async def _generate(
+    request: Request, scheduler: Scheduler, task: Task, model: str | None = None
+) -> SuccessResponse:
     fields = await read_fields(request)
-    generation = await run_in_threadpool(to_generation_request, fields, task, model)
+    limits = request.app.state.settings.limits
+    generation = await run_in_threadpool(to_generation_request, fields, task, model, limits)
     result = await scheduler.generate(generation)
     return await run_in_threadpool(to_response, result)
 
@@ -52,19 +55,19 @@ def _custom(settings: Settings, url_path: str) -> str:
 @router.post("/txt2img", responses=_FAILURES)
 async def txt2img(request: Request, scheduler: SchedulerDep) -> SuccessResponse:
     """Text to image. Form fields: prompt, seed, num_outputs, width, height, num_inference_steps, guidance_scale."""
-    return await _generate(request, scheduler, Task.TXT2IMG, None)
+    return await _generate(request, scheduler, Task.TXT2IMG)
 
 
 @router.post("/img2img", responses=_FAILURES)
 async def img2img(request: Request, scheduler: SchedulerDep) -> SuccessResponse:
     """Image to image: init_image (base64) and strength (0..1, higher changes more)."""
-    return await _generate(request, scheduler, Task.IMG2IMG, None)
+    return await _generate(request, scheduler, Task.IMG2IMG)
 
 
 @router.post("/masking", responses=_FAILURES)
 async def masking(request: Request, scheduler: SchedulerDep) -> SuccessResponse:
     """Inpainting: init_image and mask_image (white = repaint, black = keep)."""
-    return await _generate(request, scheduler, Task.INPAINT, None)
+    return await _generate(request, scheduler, Task.INPAINT)
 
 
 @router.post("/custom/{url_path}", responses=_FAILURES)

@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny real diffusers models built once per session, and app clients over them."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from sdserver.api.app import create_app
+from sdserver.engine.tiny import make_tiny_model
+from sdserver.settings import Settings
+
+SIZE = 64  # 8x8 latents with the tiny model's 8x VAE
+STEPS = 3
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models_root: Path) -> Path:
+    return make_tiny_model(models_root / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_inpainting_model(models_root: Path) -> Path:
+    return make_tiny_model(models_root / "tiny-inpainting", inpainting=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_without_checker(models_root: Path) -> Path:
+    return make_tiny_model(models_root / "tiny-no-checker", safety_checker=False, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_flagging_model(models_root: Path) -> Path:
+    return make_tiny_model(models_root / "tiny-flagging", always_flag=True, seed=3)
+
+
+ClientFactory = Callable[..., TestClient]
+
+
+@pytest.fixture
+def make_client() -> Iterator[ClientFactory]:
+    """Start the real app (lifespan: model loading, worker) on the given settings."""
+    clients: list[TestClient] = []
+
+    def factory(**settings: Any) -> TestClient:
+        client = TestClient(create_app(Settings(**settings)), raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: ClientFactory, tiny_model: Path) -> TestClient:
+    return make_client(model=str(tiny_model))
+
+
+def png_b64(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode_png(data: str) -> Image.Image:
+    raw = base64.b64decode(data)
+    assert raw.startswith(b"\x89PNG\r\n\x1a\n"), "expected a PNG"
+    return Image.open(io.BytesIO(raw))
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def max_pixel_diff(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+def scene(size: int = SIZE) -> Image.Image:
+    """A test picture: left half red, right half blue, a green square in the middle."""
+    image = Image.new("RGB", (size, size), (200, 30, 30))
+    image.paste((30, 30, 200), (size // 2, 0, size, size))
+    image.paste((30, 200, 30), (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    return image
+
+
+def half_mask(size: int = SIZE) -> Image.Image:
+    """White (repaint) on the top half, black (keep) below."""
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (0, 0, size, size // 2))
+    return mask
