@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
+import uvicorn
 from rich.logging import RichHandler
 
 from sdserver.core.errors import ConfigError, ModelLoadError
@@ -15,6 +19,8 @@ app = typer.Typer(help="sdserver: a local Stable Diffusion inference server.", n
 
 
 def _configure_logging(level: str) -> None:
+    # transformers warns at import that torchvision is absent (harmless: it falls back to PIL).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(
         level=level.upper(), format="%(message)s", datefmt="[%X]", handlers=[RichHandler(show_path=False)]
     )
@@ -24,7 +30,9 @@ def _configure_logging(level: str) -> None:
 
 @app.command()
 def serve(
-    config: Annotated[Path | None, typer.Option(help="config.json in the original format [default: ./config.json]")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="config.json in the original format [default: ./config.json]")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="Base model: hub id, diffusers folder, or 'demo'")] = None,
     host: Annotated[str | None, typer.Option(help="Bind address [default: 127.0.0.1]")] = None,
     port: Annotated[int | None, typer.Option(help="Port [default: 1337]")] = None,
@@ -36,13 +44,14 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Load the models and serve the API."""
-    import uvicorn
-
     from sdserver.api.app import create_app
     from sdserver.engine import Engine
     from sdserver.settings import load_settings
 
     _configure_logging(log_level)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
     log = logging.getLogger("sdserver")
     try:
         settings = load_settings(
@@ -62,13 +71,30 @@ def serve(
         log.error("cannot start: %s", exc.message)
         raise typer.Exit(2) from None
     log.info("listening on http://%s:%d", settings.host, settings.port)
-    uvicorn.run(
+    server_config = uvicorn.Config(
         create_app(settings, engine, loaded=True),
         host=settings.host,
         port=settings.port,
         log_level=log_level.lower(),
         log_config=None,
     )
+    GracefulServer(server_config).run()
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's Server, except that SIGTERM/SIGINT after a clean shutdown exit 0.
+
+    uvicorn re-raises the captured signal once it has shut down, so the process dies "by signal";
+    supervisors (systemd, Kubernetes) should see a clean exit after a graceful drain.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()
 
 
 @app.command("make-tiny-model")

@@ -48,9 +48,7 @@ def decode_image(value: str | bytes) -> Image.Image:
         try:
             image = Image.open(io.BytesIO(raw), formats=ALLOWED_FORMATS)
             if image.width * image.height > MAX_DECODE_PIXELS:
-                raise ValueError(
-                    f"image is {image.width}x{image.height}, over the limit of {MAX_DECODE_PIXELS} pixels"
-                )
+                raise ValueError(f"image is {image.width}x{image.height}, over the limit of {MAX_DECODE_PIXELS} pixels")
             image.load()
         except UnidentifiedImageError as exc:
             raise ValueError("not a PNG, JPEG or WebP image") from exc

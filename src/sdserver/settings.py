@@ -12,7 +12,15 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from sdserver.core.errors import ConfigError
@@ -23,7 +31,7 @@ DEMO_MODEL = "demo"
 _URL_PATH = re.compile(r"^[A-Za-z0-9._~-]+$")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
-_file_values: ContextVar[dict[str, Any]] = ContextVar("sdserver_config_file", default={})
+_file_values: ContextVar[dict[str, Any] | None] = ContextVar("sdserver_config_file", default=None)
 
 
 class CustomModel(BaseModel):
@@ -64,7 +72,9 @@ def is_hub_id(source: str) -> bool:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SDSERVER_", env_nested_delimiter="__", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="SDSERVER_", env_nested_delimiter="__", extra="ignore", populate_by_name=True
+    )
 
     model: str | None = None  # hub id, local diffusers folder, or "demo"; None: the default (see resolve)
     hf_token: str | None = Field(default=None, validation_alias=AliasChoices("hf_token", "HF_TOKEN"))
@@ -96,7 +106,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, InitSettingsSource(settings_cls, _file_values.get())
+        return init_settings, env_settings, InitSettingsSource(settings_cls, _file_values.get() or {})
 
     @property
     def model_explicit(self) -> bool:

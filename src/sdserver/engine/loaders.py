@@ -32,9 +32,10 @@ def demo_model_path() -> Path:
 
 @dataclass
 class LoadedPipelines:
-    txt2img: DiffusionPipeline
-    img2img: DiffusionPipeline
-    inpaint: DiffusionPipeline
+    # diffusers pipelines (typed Any: their classes are not precisely typed)
+    txt2img: Any
+    img2img: Any
+    inpaint: Any
     inpainting_unet: bool  # a dedicated 9-channel inpainting model serves every task through `inpaint`
     native_size: int
 
@@ -71,9 +72,7 @@ def load_pipelines(
     """Load `source` onto `device`; borrow `safety_checker_from`'s checker if it has none of its own."""
     location, from_hub = resolve_source(source)
     try:
-        pipe = DiffusionPipeline.from_pretrained(
-            location, dtype=dtype, token=token, local_files_only=not from_hub
-        )
+        pipe: Any = DiffusionPipeline.from_pretrained(location, dtype=dtype, token=token, local_files_only=not from_hub)
     except Exception as exc:  # diffusers raises many kinds (OSError, ValueError, hub errors)
         raise ModelLoadError(_load_failure(source, from_hub, exc)) from exc
     shared: dict[str, Any] = {}

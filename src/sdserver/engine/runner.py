@@ -71,10 +71,7 @@ def run_batch(
     for request in requests:
         count = request.num_images
         results.append(
-            [
-                GeneratedImage(image=images[i], seed=seeds[i], nsfw=bool(flags[i]))
-                for i in range(index, index + count)
-            ]
+            [GeneratedImage(image=images[i], seed=seeds[i], nsfw=bool(flags[i])) for i in range(index, index + count)]
         )
         index += count
     return results

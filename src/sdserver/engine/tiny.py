@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -21,7 +22,11 @@ MAX_TOKENS = 77
 
 def _byte_symbols() -> list[str]:
     """GPT-2/CLIP's reversible byte -> printable unicode mapping (its 256 base symbols)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     symbols, extra = [], 0
     for byte in range(256):
         if byte in printable:
@@ -105,7 +110,12 @@ def _text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 
 def _safety_checker(always_flag: bool) -> StableDiffusionSafetyChecker:
     config = CLIPConfig(
-        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
         vision_config={
             "hidden_size": 16,
             "intermediate_size": 32,
@@ -146,10 +156,8 @@ def build_tiny_pipeline(
             steps_offset=1,
             set_alpha_to_one=False,
         ),
-        safety_checker=checker,  # type: ignore[arg-type]
-        feature_extractor=CLIPImageProcessor(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-        ),
+        safety_checker=checker,
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
         requires_safety_checker=safety_checker,
     )
 
@@ -161,10 +169,15 @@ def _tmp_dir() -> str:
 
 
 def make_tiny_model(
-    folder: Path, *, inpainting: bool = False, safety_checker: bool = True, always_flag: bool = False, seed: int = 0
+    folder: Path,
+    *,
+    inpainting: bool = False,
+    safety_checker: bool = True,
+    always_flag: bool = False,
+    seed: int = 0,
 ) -> Path:
     """Write the tiny model to `folder` (created) and return it."""
-    pipe = build_tiny_pipeline(
+    pipe: Any = build_tiny_pipeline(
         inpainting=inpainting, safety_checker=safety_checker, always_flag=always_flag, seed=seed
     )
     folder.mkdir(parents=True, exist_ok=True)

@@ -111,7 +111,7 @@ class Job:
 
         def on_change(job: Job) -> None:
             if job.done:
-                loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+                loop.call_soon_threadsafe(_resolve, finished)
 
         self.add_listener(on_change)
         try:
@@ -125,3 +125,8 @@ class Job:
             raise self.error
         assert self.result is not None
         return self.result
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -12,8 +12,17 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-
-from tests.conftest import SIZE, STEPS, ClientFactory, decode_png, half_mask, max_pixel_diff, pixels, png_b64, scene
+from tests.conftest import (
+    SIZE,
+    STEPS,
+    ClientFactory,
+    decode_png,
+    half_mask,
+    max_pixel_diff,
+    pixels,
+    png_b64,
+    scene,
+)
 
 TXT2IMG = {"prompt": "a red circle", "width": SIZE, "height": SIZE, "num_inference_steps": STEPS}
 
@@ -145,7 +154,11 @@ class TestTxt2Img:
 
 class TestImg2Img:
     def test_output_takes_the_input_size(self, client: TestClient) -> None:
-        fields = {"prompt": "x", "num_inference_steps": STEPS, "init_image": png_b64(scene(64).resize((80, 48)))}
+        fields = {
+            "prompt": "x",
+            "num_inference_steps": STEPS,
+            "init_image": png_b64(scene(64).resize((80, 48))),
+        }
         (image,) = ok(post(client, "/img2img", **fields, seed=1))
         assert decode_png(image["base64"]).size == (80, 48)
 
@@ -212,10 +225,18 @@ class TestSafetyChecker:
         self, make_client: ClientFactory, tiny_flagging_model: Path, tiny_model_without_checker: Path
     ) -> None:
         custom = [
-            {"model_path": str(tiny_model_without_checker), "ui_label": "A", "url_path": "strict",
-             "requires_safety_checker": True},
-            {"model_path": str(tiny_model_without_checker), "ui_label": "B", "url_path": "loose",
-             "requires_safety_checker": False},
+            {
+                "model_path": str(tiny_model_without_checker),
+                "ui_label": "A",
+                "url_path": "strict",
+                "requires_safety_checker": True,
+            },
+            {
+                "model_path": str(tiny_model_without_checker),
+                "ui_label": "B",
+                "url_path": "loose",
+                "requires_safety_checker": False,
+            },
         ]
         client = make_client(model=str(tiny_flagging_model), custom_models=custom)
         (strict,) = ok(post(client, "/custom/strict", **TXT2IMG))
@@ -269,7 +290,11 @@ class TestFailures:
             ("/txt2img", {"prompt": "x", "seed": -5}, ["seed", "-5"]),
             ("/img2img", {"prompt": "x"}, ["init_image", "required"]),
             ("/img2img", {"prompt": "x", "init_image": "not an image!"}, ["init_image"]),
-            ("/img2img", {"prompt": "x", "init_image": base64.b64encode(b"GIF89a...").decode()}, ["init_image"]),
+            (
+                "/img2img",
+                {"prompt": "x", "init_image": base64.b64encode(b"GIF89a...").decode()},
+                ["init_image"],
+            ),
             ("/masking", {"prompt": "x", "init_image": "<scene>"}, ["mask_image", "required"]),
             ("/masking", {"prompt": "x", "init_image": "<scene>", "mask_image": "AAAA"}, ["mask_image"]),
         ],

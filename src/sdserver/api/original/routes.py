@@ -36,9 +36,7 @@ async def custom_models(settings: SettingsDep) -> list[CustomModelOut]:
     return [CustomModelOut(**custom.model_dump()) for custom in settings.custom_models]
 
 
-async def _generate(
-    request: Request, scheduler: Scheduler, task: Task, model: str | None = None
-) -> SuccessResponse:
+async def _generate(request: Request, scheduler: Scheduler, task: Task, model: str | None = None) -> SuccessResponse:
     fields = await read_fields(request)
     limits = request.app.state.settings.limits
     generation = await run_in_threadpool(to_generation_request, fields, task, model, limits)
