@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=64, ge=1)
     max_batch_size: int = Field(default=8, ge=1)
     batch_window_ms: float = Field(default=20.0, ge=0)
+    queue_timeout: float | None = Field(default=600.0, gt=0)  # seconds a request may wait before it starts
+    job_ttl: float = Field(default=3600.0, gt=0)  # seconds a finished job stays visible in the jobs API
+    max_jobs_kept: int = Field(default=1000, ge=0)
+    allow_webhooks: bool = False
+    webhook_attempts: int = Field(default=3, ge=1, le=10)
     limits: Limits = Field(default_factory=Limits)
 
     @model_validator(mode="after")

@@ -11,8 +11,10 @@ from starlette.concurrency import run_in_threadpool
 
 from sdserver import __version__
 from sdserver.api import errors
+from sdserver.api.jobs import router as jobs_router
 from sdserver.api.original import router as original_router
 from sdserver.engine import Engine
+from sdserver.service.jobs import JobStore
 from sdserver.service.scheduler import Scheduler
 from sdserver.settings import Settings
 
@@ -31,6 +33,8 @@ def create_app(settings: Settings, engine: Engine | None = None, *, loaded: bool
             max_queue=settings.max_queue,
             max_batch_size=settings.max_batch_size,
             batch_window_s=settings.batch_window_ms / 1000,
+            queue_timeout_s=settings.queue_timeout,
+            jobs=JobStore(ttl_s=settings.job_ttl, max_kept=settings.max_jobs_kept),
         )
         scheduler.start()
         app.state.scheduler = scheduler
@@ -50,4 +54,6 @@ def create_app(settings: Settings, engine: Engine | None = None, *, loaded: bool
     app.state.engine = engine or Engine.from_settings(settings)
     errors.install(app)
     app.include_router(original_router)
+    app.include_router(jobs_router)
+    errors.register_renderer("/v1/", errors.render_v1)
     return app

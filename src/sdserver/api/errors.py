@@ -28,7 +28,7 @@ STATUS: dict[type[e.SDServerError], int] = {
 }
 
 Renderer = Callable[[e.SDServerError, int], Response]
-_renderers: list[tuple[str, Renderer]] = []
+_renderers: dict[str, Renderer] = {}
 
 
 def status_for(error: e.SDServerError) -> int:
@@ -40,8 +40,7 @@ def status_for(error: e.SDServerError) -> int:
 
 def register_renderer(path_prefix: str, renderer: Renderer) -> None:
     """A protocol renders errors under its path prefix in its own shape (longest prefix wins)."""
-    _renderers.append((path_prefix, renderer))
-    _renderers.sort(key=lambda item: len(item[0]), reverse=True)
+    _renderers[path_prefix] = renderer
 
 
 def render_original(error: e.SDServerError, status: int) -> Response:
@@ -49,9 +48,16 @@ def render_original(error: e.SDServerError, status: int) -> Response:
     return JSONResponse({"status": "failure", "message": error.message}, status_code=status)
 
 
+def render_v1(error: e.SDServerError, status: int) -> Response:
+    """The `/v1` APIs' error shape (OpenAI's): {"error": {"message", "type", "param", "code"}}."""
+    body = {"message": error.message, "type": type(error).__name__, "param": error.field, "code": status}
+    return JSONResponse({"error": body}, status_code=status)
+
+
 def render(request: Request, error: e.SDServerError, status: int | None = None) -> Response:
     status = status or status_for(error)
-    renderer = next((r for prefix, r in _renderers if request.url.path.startswith(prefix)), render_original)
+    prefixes = sorted((p for p in _renderers if request.url.path.startswith(p)), key=len, reverse=True)
+    renderer = _renderers[prefixes[0]] if prefixes else render_original
     response = renderer(error, status)
     if isinstance(error, e.Overloaded):
         response.headers["Retry-After"] = str(error.retry_after_s)

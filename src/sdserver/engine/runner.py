@@ -10,8 +10,11 @@ from PIL import Image
 
 from sdserver.core.types import GeneratedImage, GenerationRequest, Task
 from sdserver.engine.loaders import LoadedPipelines
+from sdserver.engine.preview import latents_to_previews
 
-StepCallback = Callable[[int, int], None]  # (steps done, total steps); may raise to stop the run
+# (steps done, total steps, previews): may raise to stop the run; previews() decodes the current
+# latents cheaply into one small image per output, only if called.
+StepCallback = Callable[[int, int, Callable[[], list[Image.Image]]], None]
 
 
 def run_batch(
@@ -31,7 +34,7 @@ def run_batch(
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
 
     def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        on_step(step + 1, int(pipe.num_timesteps))
+        on_step(step + 1, int(pipe.num_timesteps), lambda: latents_to_previews(tensors["latents"]))
         return {}
 
     common: dict[str, Any] = {

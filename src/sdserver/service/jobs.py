@@ -10,7 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from sdserver.core.errors import Cancelled, SDServerError
+from PIL import Image
+
+from sdserver.core.errors import Cancelled, NotFound, SDServerError
 from sdserver.core.types import GenerationRequest, GenerationResult, Progress
 
 
@@ -43,6 +45,8 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     cancel_requested: bool = False
+    preview_every: int = 0  # steps between previews; 0: none
+    preview: Image.Image | None = None  # the latest preview of the first image
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _listeners: list[Listener] = field(default_factory=list, repr=False)
@@ -73,9 +77,22 @@ class Job:
         self.status, self.started_at = JobStatus.RUNNING, time.time()
         self._notify()
 
-    def report(self, progress: Progress) -> None:
+    def report(self, progress: Progress, preview: Image.Image | None = None) -> None:
         self.progress = progress
+        if preview is not None:
+            self.preview = preview
         self._notify()
+
+    def wants_preview(self, step: int) -> bool:
+        return self.preview_every > 0 and step % self.preview_every == 0
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left, extrapolated from the steps done so far."""
+        if self.progress is None or self.started_at is None or self.progress.step == 0 or self.done:
+            return None
+        per_step = (time.time() - self.started_at) / self.progress.step
+        return per_step * (self.progress.total - self.progress.step)
 
     def succeed(self, result: GenerationResult) -> None:
         self.result = result
@@ -130,3 +147,52 @@ class Job:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class JobStore:
+    """Every known job by id. Finished jobs are kept `ttl_s` seconds and at most `max_kept` of them,
+    so memory stays bounded however long the server runs."""
+
+    def __init__(self, *, ttl_s: float = 3600.0, max_kept: int = 1000) -> None:
+        self.ttl_s, self.max_kept = ttl_s, max_kept
+        self._jobs: dict[str, Job] = {}
+        self._by_key: dict[str, str] = {}  # Idempotency-Key -> job id
+        self._lock = threading.Lock()
+
+    def add(self, job: Job, idempotency_key: str | None = None) -> None:
+        with self._lock:
+            self._jobs[job.id] = job
+            if idempotency_key:
+                self._by_key[idempotency_key] = job.id
+        self.prune()
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id!r} not found (finished jobs are kept for a limited time)")
+        return job
+
+    def by_idempotency_key(self, key: str) -> Job | None:
+        with self._lock:
+            job_id = self._by_key.get(key)
+            return self._jobs.get(job_id) if job_id else None
+
+    def all(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def prune(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._lock:
+            finished = [job for job in self._jobs.values() if job.done]
+            finished.sort(key=lambda job: job.finished_at or 0.0)
+            excess = len(finished) - self.max_kept
+            for index, job in enumerate(finished):
+                if index < excess or (job.finished_at or now) < now - self.ttl_s:
+                    del self._jobs[job.id]
+            live = set(self._jobs)
+            self._by_key = {key: job_id for key, job_id in self._by_key.items() if job_id in live}
+
+    def __len__(self) -> int:
+        return len(self._jobs)

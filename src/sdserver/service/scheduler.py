@@ -9,18 +9,18 @@ bad request cannot fail its neighbours.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
+
+from PIL import Image
 
 from sdserver.core.errors import (
     Cancelled,
     GenerationError,
-    NotFound,
     OutOfMemory,
     Overloaded,
     SDServerError,
@@ -28,7 +28,7 @@ from sdserver.core.errors import (
     Unavailable,
 )
 from sdserver.core.types import GeneratedImage, GenerationRequest, GenerationResult, Progress
-from sdserver.service.jobs import Job, JobStatus
+from sdserver.service.jobs import Job, JobStatus, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class EngineLike(Protocol):
 
 
 class StepCallback(Protocol):
-    def __call__(self, step: int, total: int) -> None: ...
+    def __call__(self, step: int, total: int, previews: Callable[[], list[Image.Image]]) -> None: ...
 
 
 class Scheduler:
@@ -52,15 +52,16 @@ class Scheduler:
         max_batch_size: int = 8,
         batch_window_s: float = 0.02,
         queue_timeout_s: float | None = None,
+        jobs: JobStore | None = None,
     ) -> None:
         self.engine = engine
         self.max_queue = max_queue
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self.queue_timeout_s = queue_timeout_s
-        self.jobs: dict[str, Job] = {}
+        self.jobs = jobs or JobStore()
         self._queue: deque[Job] = deque()
-        self._running: list[Job] = []
+        self._expect_company = False  # did the last batch have more than one job?
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -87,34 +88,34 @@ class Scheduler:
         return self._thread is not None and self._thread.is_alive()
 
     # -- submitting ------------------------------------------------------------------------------
-    def submit(self, request: GenerationRequest) -> Job:
+    def submit(
+        self,
+        request: GenerationRequest,
+        *,
+        idempotency_key: str | None = None,
+        preview_every: int = 0,
+    ) -> Job:
+        """Queue a request; bad input, a full queue or a stopped server raise before anything is queued.
+
+        A repeated `idempotency_key` returns the job it first created instead of queueing another.
+        """
+        if idempotency_key and (existing := self.jobs.by_idempotency_key(idempotency_key)) is not None:
+            return existing
         prepared = self.engine.prepare(request).with_seed()
         deadline = None if self.queue_timeout_s is None else time.monotonic() + self.queue_timeout_s
-        job = Job(request=prepared, deadline=deadline)
+        job = Job(request=prepared, deadline=deadline, preview_every=preview_every)
         with self._wakeup:
             if self._stopping or not self.alive:
                 raise Unavailable("the server is not accepting work (starting or shutting down)")
             if len(self._queue) >= self.max_queue:
                 raise Overloaded(f"the queue is full ({self.max_queue} waiting); retry shortly")
             self._queue.append(job)
-            self.jobs[job.id] = job
             self._wakeup.notify_all()
+        self.jobs.add(job, idempotency_key)
         return job
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Submit and wait; if the caller goes away (task cancelled), the job is cancelled too."""
-        job = self.submit(request)
-        try:
-            return await job.wait_async()
-        except asyncio.CancelledError:
-            self.cancel(job.id)
-            raise
-
     def get(self, job_id: str) -> Job:
-        try:
-            return self.jobs[job_id]
-        except KeyError:
-            raise NotFound(f"job {job_id!r} not found") from None
+        return self.jobs.get(job_id)
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued job now, or a running one at its next denoising step."""
@@ -156,7 +157,9 @@ class Scheduler:
                 return None
             first = self._queue.popleft()
             batch, images = [first], first.request.num_images
-            window_ends = time.monotonic() + self.batch_window_s
+            # Wait for company only under concurrent load: a lone client pays no batching delay.
+            window = self.batch_window_s if (self._expect_company or self._queue) else 0.0
+            window_ends = time.monotonic() + window
             while images < self.max_batch_size:
                 for job in list(self._queue):
                     if job.batch_key == first.batch_key and images + job.request.num_images <= self.max_batch_size:
@@ -167,6 +170,7 @@ class Scheduler:
                 if images >= self.max_batch_size or remaining <= 0 or self._stopping:
                     break
                 self._wakeup.wait(remaining)
+            self._expect_company = len(batch) > 1
         return [job for job in batch if self._still_wanted(job)]
 
     def _still_wanted(self, job: Job) -> bool:
@@ -215,9 +219,17 @@ class Scheduler:
 
     @staticmethod
     def _progress_reporter(batch: list[Job]) -> StepCallback:
-        def on_step(step: int, total: int) -> None:
-            for job in batch:
-                job.report(Progress(step=step, total=total))
+        # Output index of each job's first image in the batch, for its preview.
+        offsets, offset = [], 0
+        for job in batch:
+            offsets.append(offset)
+            offset += job.request.num_images
+
+        def on_step(step: int, total: int, previews: Callable[[], list[Image.Image]]) -> None:
+            images = previews() if any(job.wants_preview(step) for job in batch) else None
+            for job, first_image in zip(batch, offsets, strict=True):
+                preview = images[first_image] if images is not None and job.wants_preview(step) else None
+                job.report(Progress(step=step, total=total), preview)
             if all(job.cancel_requested for job in batch):
                 raise Cancelled("cancelled while running")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from sdserver.api import waiting
 from sdserver.api.deps import SchedulerDep, SettingsDep
 from sdserver.api.fields import read_fields
 from sdserver.api.original.protocol import (
@@ -40,7 +41,7 @@ async def _generate(request: Request, scheduler: Scheduler, task: Task, model: s
     fields = await read_fields(request)
     limits = request.app.state.settings.limits
     generation = await run_in_threadpool(to_generation_request, fields, task, model, limits)
-    result = await scheduler.generate(generation)
+    result = await waiting.generate(request, scheduler, generation)
     return await run_in_threadpool(to_response, result)
 
 
