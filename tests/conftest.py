@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -103,3 +105,45 @@ def half_mask(size: int = SIZE) -> Image.Image:
     mask = Image.new("L", (size, size), 0)
     mask.paste(255, (0, 0, size, size // 2))
     return mask
+
+
+class GatedPipeline:
+    """A spy around a real pipeline: records each call's prompts, can hold calls at a gate, and can
+    inject a fault for one prompt. The real pipeline still draws every image."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.calls: list[list[str]] = []
+        self.fail_on: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        self.calls.append(list(kwargs["prompt"]))
+        self.entered.set()
+        assert self.gate.wait(60), "gate never opened"
+        if self.fail_on is not None and self.fail_on in kwargs["prompt"]:
+            raise RuntimeError(f"injected fault for {self.fail_on!r}")
+        return self.real(**kwargs)
+
+
+@pytest.fixture
+def gated(client: TestClient) -> Iterator[GatedPipeline]:
+    """The default client's txt2img pipeline, wrapped in a GatedPipeline."""
+    pipelines = client.app.state.engine.registry.get(None)  # type: ignore[attr-defined]
+    spy = GatedPipeline(pipelines.txt2img)
+    pipelines.txt2img = spy
+    yield spy
+    spy.gate.set()
+    pipelines.txt2img = spy.real
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)

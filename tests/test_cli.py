@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.conftest import SIZE, STEPS
 from typer.testing import CliRunner
 
 from sdserver.cli import app
+from tests.conftest import SIZE, STEPS
 
 
 def free_port() -> int:

@@ -28,9 +28,8 @@ def b64decode(text: str) -> bytes:
     body = strip_data_url(text)
     body += "=" * (-len(body) % 4)
     try:
-        if "-" in body or "_" in body:
-            return base64.urlsafe_b64decode(body)
-        return base64.b64decode(body, validate=True)
+        # URL-safe input: map its alphabet onto the standard one, then decode strictly either way.
+        return base64.b64decode(body.replace("-", "+").replace("_", "/"), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"not valid base64 ({exc})") from exc
 

@@ -46,16 +46,15 @@ class CustomModel(BaseModel):
 
     @field_validator("requires_safety_checker", mode="before")
     @classmethod
-    def _loose_bool(cls, value: Any) -> Any:
-        # The original README documented the value as the string "true | false".
-        if isinstance(value, str):
-            return value.strip().lower() in ("true", "1", "yes")
-        return value
+    def _strip(cls, value: Any) -> Any:
+        # The original README documented it as a string ("true | false"); pydantic parses
+        # true/false/yes/no/1/0 and rejects typos, but does not strip spaces.
+        return value.strip() if isinstance(value, str) else value
 
     @field_validator("url_path")
     @classmethod
     def _url_safe(cls, value: str) -> str:
-        if not _URL_PATH.match(value):
+        if not _URL_PATH.match(value) or value in (".", ".."):
             raise ValueError(f"url_path {value!r} must use only letters, digits, '.', '_', '~' and '-'")
         return value
 
@@ -150,6 +149,6 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"]) or "config"
         reason = error["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"invalid configuration ({path}): {where}: {reason}") from None
+        raise ConfigError(f"invalid setting {where} (from flags, environment or {path}): {reason}") from None
     finally:
         _file_values.reset(token)

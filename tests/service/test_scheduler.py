@@ -41,7 +41,7 @@ class FakeEngine:
             raise GenerationError(f"cannot draw {self.fail_on}")
         for step in range(1, self.steps + 1):
             self.gate.wait(5)
-            on_step(step, self.steps, lambda: [Image.new("RGB", (1, 1), (step, 0, 0))] * 8)
+            on_step(step, self.steps, lambda step=step: [Image.new("RGB", (1, 1), (step, 0, 0))] * 8)
         return [[GeneratedImage(Image.new("RGB", (8, 8)), seed, False) for seed in r.seeds] for r in requests]
 
 

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from sdserver.core.errors import InvalidRequest
-from sdserver.imaging import decode_image
+from sdserver.imaging import decode_image, to_rgb
 
 MAX_SEED = 2**63 - 1
 
@@ -36,8 +36,10 @@ class Task(StrEnum):
 
 
 def _image(value: Any) -> Any:
-    if value is None or isinstance(value, Image.Image):
-        return value
+    if value is None:
+        return None
+    if isinstance(value, Image.Image):
+        return to_rgb(value)
     if isinstance(value, str | bytes):
         if not value:
             return None  # an empty form field means "not given"
@@ -88,7 +90,8 @@ class GenerationRequest(BaseModel):
             if value is not None and value > limits.max_side:
                 raise _field_error(name, value, f"is over the limit of {limits.max_side}")
         if self.width and self.height and self.width * self.height > limits.max_pixels:
-            raise _field_error("width", self.width, f"x height {self.height} is over {limits.max_pixels} pixels")
+            pixels = f"{self.width} x height {self.height} = {self.width * self.height} pixels"
+            raise _field_error("width", None, f"{pixels} is over the limit of {limits.max_pixels}")
         for name, value, limit in (
             ("num_images", self.num_images, limits.max_images),
             ("steps", self.steps, limits.max_steps),
@@ -99,6 +102,8 @@ class GenerationRequest(BaseModel):
             length = len(getattr(self, name) or "")
             if length > limits.max_prompt_chars:
                 raise _field_error(name, None, f"is {length} characters, over the limit of {limits.max_prompt_chars}")
+        if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
+            raise _field_error("seed", self.seed, f"+ {self.num_images - 1} (one seed per image) is over {MAX_SEED}")
         if self.task in (Task.IMG2IMG, Task.INPAINT) and self.init_image is None:
             raise _field_error("init_image", None, f"is required for {self.task.value}")
         if self.task is Task.INPAINT and self.mask_image is None:

@@ -59,7 +59,7 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self.queue_timeout_s = queue_timeout_s
-        self.jobs = jobs or JobStore()
+        self.jobs = jobs if jobs is not None else JobStore()
         self._queue: deque[Job] = deque()
         self._expect_company = False  # did the last batch have more than one job?
         self._wakeup = threading.Condition()
