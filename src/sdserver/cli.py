@@ -31,16 +31,24 @@ def _configure_logging(level: str) -> None:
 @app.command()
 def serve(
     config: Annotated[
-        Path | None, typer.Option(help="config.json in the original format [default: ./config.json]")
+        Path | None, typer.Option(help="config.json in the original format (default ./config.json)")
     ] = None,
     model: Annotated[str | None, typer.Option(help="Base model: hub id, diffusers folder, or 'demo'")] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address [default: 127.0.0.1]")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [default: 1337]")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cuda, cuda:N, mps or cpu [default: auto]")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto, float16, bfloat16, float32 [default: auto]")] = None,
-    max_queue: Annotated[int | None, typer.Option(help="Requests waiting at most [default: 64]")] = None,
-    max_batch_size: Annotated[int | None, typer.Option(help="Images per pipeline call at most [default: 8]")] = None,
-    batch_window_ms: Annotated[float | None, typer.Option(help="Wait for batch company [default: 20]")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 1337)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cuda, cuda:N, mps or cpu (default auto)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float16, bfloat16, float32 (default auto)")] = None,
+    max_queue: Annotated[int | None, typer.Option(help="Requests waiting at most (default 64)")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Images per pipeline call at most (default 8)")] = None,
+    batch_window_ms: Annotated[float | None, typer.Option(help="Wait for batch company (default 20)")] = None,
+    queue_timeout: Annotated[
+        float | None, typer.Option(help="Seconds a request may wait in the queue before 504 (default 600)")
+    ] = None,
+    job_ttl: Annotated[float | None, typer.Option(help="Seconds finished jobs stay listed (default 3600)")] = None,
+    max_jobs_kept: Annotated[int | None, typer.Option(help="Finished jobs kept at most (default 1000)")] = None,
+    allow_webhooks: Annotated[
+        bool | None, typer.Option("--allow-webhooks/--no-webhooks", help="Let jobs POST their result to a URL")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Load the models and serve the API."""
@@ -64,6 +72,10 @@ def serve(
             max_queue=max_queue,
             max_batch_size=max_batch_size,
             batch_window_ms=batch_window_ms,
+            queue_timeout=queue_timeout,
+            job_ttl=job_ttl,
+            max_jobs_kept=max_jobs_kept,
+            allow_webhooks=allow_webhooks,
         )
         engine = Engine.from_settings(settings)
         engine.load()
