@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from sdserver import __version__
-from sdserver.api import errors
+from sdserver.api import a1111, errors, openai
 from sdserver.api.jobs import router as jobs_router
 from sdserver.api.original import router as original_router
 from sdserver.engine import Engine
@@ -55,5 +55,8 @@ def create_app(settings: Settings, engine: Engine | None = None, *, loaded: bool
     errors.install(app)
     app.include_router(original_router)
     app.include_router(jobs_router)
+    app.include_router(openai.router)
+    app.include_router(a1111.router)
     errors.register_renderer("/v1/", errors.render_v1)
+    errors.register_renderer("/sdapi/", a1111.render_error)
     return app
