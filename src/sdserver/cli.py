@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -49,10 +52,24 @@ def serve(
     allow_webhooks: Annotated[
         bool | None, typer.Option("--allow-webhooks/--no-webhooks", help="Let jobs POST their result to a URL")
     ] = None,
+    api_key: Annotated[
+        list[str] | None, typer.Option(help="Require Authorization: Bearer KEY (repeat for several keys)")
+    ] = None,
+    api_auth: Annotated[list[str] | None, typer.Option(help="Also accept HTTP Basic user:pass (A1111 clients)")] = None,
+    open_original_api: Annotated[
+        bool | None,
+        typer.Option("--open-original-api", help="Keep the original API's routes open when keys are set"),
+    ] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option(help="Allow browser pages from this origin (repeat)")] = None,
+    max_body_mb: Annotated[float | None, typer.Option(help="Largest request body in MB (default 32)")] = None,
+    drain_timeout: Annotated[
+        float | None, typer.Option(help="Seconds to finish queued work on SIGTERM (default 30)")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Load the models and serve the API."""
-    from sdserver.api.app import create_app
+    from sdserver.api.app import begin_shutdown, create_app
+    from sdserver.api.security import warn_if_exposed
     from sdserver.engine import Engine
     from sdserver.settings import load_settings
 
@@ -76,29 +93,60 @@ def serve(
             job_ttl=job_ttl,
             max_jobs_kept=max_jobs_kept,
             allow_webhooks=allow_webhooks,
+            api_keys=api_key or None,
+            api_auth=api_auth or None,
+            open_original_api=open_original_api,
+            cors_origins=cors_origin or None,
+            max_body_mb=max_body_mb,
+            drain_timeout=drain_timeout,
         )
         engine = Engine.from_settings(settings)
         engine.load()
     except (ConfigError, ModelLoadError) as exc:
         log.error("cannot start: %s", exc.message)
         raise typer.Exit(2) from None
+    warn_if_exposed(settings)
     log.info("listening on http://%s:%d", settings.host, settings.port)
-    server_config = uvicorn.Config(
-        create_app(settings, engine, loaded=True),
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level.lower(),
-        log_config=None,
+    fatal = threading.Event()
+
+    def on_fatal() -> None:
+        fatal.set()
+        server.handle_exit(signal.SIGTERM, None)
+
+    app = create_app(settings, engine, loaded=True, on_fatal=on_fatal)
+    server = GracefulServer(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=log_level.lower(),
+            log_config=None,
+            timeout_graceful_shutdown=int(settings.drain_timeout) + 5,
+        ),
+        on_exit_signal=lambda: begin_shutdown(app),
     )
-    GracefulServer(server_config).run()
+    server.run()
+    if fatal.is_set():
+        log.error("exiting because the worker thread died (a supervisor should restart the server)")
+        raise typer.Exit(1)
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn's Server, except that SIGTERM/SIGINT after a clean shutdown exit 0.
+    """uvicorn's Server, plus: SIGTERM/SIGINT first tell the app to drain (`on_exit_signal`), and a
+    clean shutdown exits 0.
 
     uvicorn re-raises the captured signal once it has shut down, so the process dies "by signal";
     supervisors (systemd, Kubernetes) should see a clean exit after a graceful drain.
     """
+
+    def __init__(self, config: uvicorn.Config, on_exit_signal: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit_signal = on_exit_signal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            self._on_exit_signal()
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

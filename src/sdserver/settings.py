@@ -10,7 +10,7 @@ import json
 import re
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
@@ -21,7 +21,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from sdserver.core.errors import ConfigError
 from sdserver.core.types import Limits
@@ -90,6 +96,37 @@ class Settings(BaseSettings):
     max_jobs_kept: int = Field(default=1000, ge=0)
     allow_webhooks: bool = False
     webhook_attempts: int = Field(default=3, ge=1, le=10)
+    # Access and hardening
+    api_keys: Annotated[list[str], NoDecode] = Field(  # Bearer keys; empty: no auth
+        default_factory=list,
+        validation_alias=AliasChoices("api_keys", "api_key", "SDSERVER_API_KEY", "SDSERVER_API_KEYS"),
+    )
+    api_auth: Annotated[list[str], NoDecode] = Field(default_factory=list)  # "user:pass" for HTTP Basic
+    open_original_api: bool = False  # leave the original API's routes open when keys are set
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_body_mb: float = Field(default=32.0, gt=0)
+    drain_timeout: float = Field(default=30.0, ge=0)  # seconds to finish work on SIGTERM
+
+    @field_validator("api_keys", "api_auth", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        # SDSERVER_API_KEYS=a,b in the environment; lists in config.json
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_auth")
+    @classmethod
+    def _user_colon_password(cls, value: list[str]) -> list[str]:
+        for pair in value:
+            if ":" not in pair:
+                raise ValueError("api_auth entries must look like user:password")
+        return value
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys or self.api_auth)
+
     limits: Limits = Field(default_factory=Limits)
 
     @model_validator(mode="after")
@@ -119,6 +156,10 @@ class Settings(BaseSettings):
     @property
     def base_model(self) -> str:
         return self.model or DEFAULT_MODEL
+
+    # OpenAI / AUTOMATIC1111 adapters
+    image_url_ttl: float = Field(default=3600.0, gt=0)  # seconds an OpenAI response_format=url image lives
+    image_url_max_mb: float = Field(default=512.0, gt=0)  # memory for those images; the oldest go first
 
 
 def read_config_file(path: Path, *, required: bool) -> dict[str, Any]:

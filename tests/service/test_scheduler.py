@@ -17,6 +17,7 @@ from sdserver.core.errors import Cancelled, GenerationError, OutOfMemory, Overlo
 from sdserver.core.types import GeneratedImage, GenerationRequest
 from sdserver.service.jobs import JobStatus
 from sdserver.service.scheduler import Scheduler, StepCallback
+from tests.conftest import wait_until
 
 
 class FakeEngine:
@@ -168,9 +169,34 @@ def test_expired_job_is_dropped_before_running(engine: FakeEngine) -> None:
         scheduler.stop()
 
 
-def test_stop_fails_queued_jobs_clearly_and_lets_the_running_one_finish(
-    engine: FakeEngine, scheduler: Scheduler
-) -> None:
+def test_drain_finishes_queued_and_running_work_and_refuses_new(engine: FakeEngine, scheduler: Scheduler) -> None:
+    hold(engine, scheduler)
+    (running,) = scheduler.jobs.all()
+    queued = scheduler.submit(request("queued", steps=7))
+    drained: list[bool] = []
+    drainer = threading.Thread(target=lambda: drained.append(scheduler.drain(timeout=10)))
+    drainer.start()
+    with pytest.raises(Unavailable):
+        wait_for_refusal(scheduler)
+    engine.gate.set()
+    drainer.join(10)
+    assert drained == [True]
+    assert running.wait(5).images and queued.wait(5).images
+
+
+def wait_for_refusal(scheduler: Scheduler) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        scheduler.submit(request("late"))  # raises Unavailable once draining has begun
+        time.sleep(0.01)
+
+
+def test_drain_gives_up_after_its_timeout(engine: FakeEngine, scheduler: Scheduler) -> None:
+    hold(engine, scheduler)
+    assert scheduler.drain(timeout=0.1) is False
+
+
+def test_stop_fails_queued_jobs_and_stops_the_running_one_clearly(engine: FakeEngine, scheduler: Scheduler) -> None:
     hold(engine, scheduler)
     (running,) = scheduler.jobs.all()
     queued = scheduler.submit(request("queued"))
@@ -180,6 +206,23 @@ def test_stop_fails_queued_jobs_clearly_and_lets_the_running_one_finish(
         queued.wait(5)
     engine.gate.set()
     stopper.join(5)
-    assert running.wait(5).images
+    with pytest.raises(Unavailable, match="shut down before"):
+        running.wait(5)
     with pytest.raises(Unavailable):
         scheduler.submit(request("after stop"))
+
+
+def test_a_dead_worker_fails_waiting_jobs_and_reports_it(engine: FakeEngine) -> None:
+    deaths: list[bool] = []
+    scheduler = Scheduler(engine, on_worker_death=lambda: deaths.append(True))
+    scheduler.start()
+    hold(engine, scheduler)
+    queued = scheduler.submit(request("queued"))
+    scheduler._run = None  # type: ignore[assignment, method-assign]  # the next batch crashes the worker loop
+    engine.gate.set()
+    with pytest.raises(Unavailable, match="worker stopped"):
+        queued.wait(5)
+    wait_until(lambda: not scheduler.alive)
+    assert deaths == [True]
+    with pytest.raises(Unavailable):
+        scheduler.submit(request("after death"))

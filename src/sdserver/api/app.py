@@ -3,26 +3,41 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
 from sdserver import __version__
-from sdserver.api import a1111, errors, openai
+from sdserver.api import a1111, errors, openai, ops
 from sdserver.api.jobs import router as jobs_router
+from sdserver.api.middleware import BodySizeLimit, RequestLog
 from sdserver.api.original import router as original_router
+from sdserver.api.security import ApiKeyAuth
 from sdserver.engine import Engine
 from sdserver.service.jobs import JobStore
+from sdserver.service.metrics import Metrics
 from sdserver.service.scheduler import Scheduler
 from sdserver.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, engine: Engine | None = None, *, loaded: bool = False) -> FastAPI:
-    """Build the app. The engine's models load during start-up unless `loaded` says they already are."""
+def create_app(
+    settings: Settings,
+    engine: Engine | None = None,
+    *,
+    loaded: bool = False,
+    on_fatal: Callable[[], None] | None = None,
+) -> FastAPI:
+    """Build the app. The engine's models load during start-up unless `loaded` says they already are.
+
+    `on_fatal` is called if the worker thread dies (the CLI then exits non-zero for a supervisor).
+    """
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -35,6 +50,13 @@ def create_app(settings: Settings, engine: Engine | None = None, *, loaded: bool
             batch_window_s=settings.batch_window_ms / 1000,
             queue_timeout_s=settings.queue_timeout,
             jobs=JobStore(ttl_s=settings.job_ttl, max_kept=settings.max_jobs_kept),
+            metrics=metrics,
+            on_worker_death=on_fatal,
+        )
+        metrics.add_gauges("sdserver_queue", "Jobs waiting and running", lambda: {"depth": scheduler.queue_depth})
+        metrics.add_gauges("sdserver_models", "Models loaded, and loads so far", lambda: engine_stats("models"))
+        metrics.add_gauges(
+            "sdserver_device_memory_bytes", "Accelerator memory", lambda: engine_stats("device_memory_bytes")
         )
         scheduler.start()
         app.state.scheduler = scheduler
@@ -42,21 +64,46 @@ def create_app(settings: Settings, engine: Engine | None = None, *, loaded: bool
         try:
             yield
         finally:
+            if not await run_in_threadpool(scheduler.drain, settings.drain_timeout):
+                log.warning("drain timeout (%gs) reached: failing what is left", settings.drain_timeout)
             await run_in_threadpool(scheduler.stop)
+
+    def engine_stats(key: str) -> dict[str, float]:
+        return app.state.engine.stats()[key]
 
     app = FastAPI(
         title="sdserver",
         version=__version__,
-        description="A local Stable Diffusion server speaking the original Stable Diffusion API Server's API.",
+        description="A local Stable Diffusion server: the original Stable Diffusion API Server's API, "
+        "a jobs API, and more, over one queue.",
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.engine = engine or Engine.from_settings(settings)
+    app.state.metrics = metrics
     errors.install(app)
-    app.include_router(original_router)
-    app.include_router(jobs_router)
-    app.include_router(openai.router)
-    app.include_router(a1111.router)
+    for router in (ops.router, original_router, jobs_router, openai.router, a1111.router):
+        app.include_router(router)
     errors.register_renderer("/v1/", errors.render_v1)
     errors.register_renderer("/sdapi/", a1111.render_error)
+    # The last added runs first: log → CORS (so even a 401 or 413 is readable by an allowed page)
+    # → body size limit → auth → routes.
+    app.add_middleware(ApiKeyAuth, settings=settings)
+    app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_body_mb * 1e6))
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+    app.add_middleware(RequestLog, metrics=metrics)
     return app
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """On SIGTERM/SIGINT: refuse new work now (503), and past --drain-timeout fail what is left."""
+    scheduler: Scheduler | None = getattr(app.state, "scheduler", None)
+    if scheduler is None:
+        return
+    scheduler.stop_accepting()
+    timer = threading.Timer(app.state.settings.drain_timeout, scheduler.stop)
+    timer.daemon = True
+    timer.start()

@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 STATUS: dict[type[e.SDServerError], int] = {
     e.InvalidRequest: 400,
+    e.PayloadTooLarge: 413,
+    e.Unauthorized: 401,
     e.NotFound: 404,
     e.Overloaded: 429,
     e.Cancelled: 499,  # the client went away or asked to stop (nginx's convention)

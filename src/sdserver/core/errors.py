@@ -20,6 +20,14 @@ class InvalidRequest(SDServerError):
     """The client sent something we cannot serve (names the field and the bad value)."""
 
 
+class PayloadTooLarge(InvalidRequest):
+    """The request body is over the server's size limit."""
+
+
+class Unauthorized(SDServerError):
+    """A missing or wrong API key."""
+
+
 class NotFound(SDServerError):
     """The client named something that does not exist (a model, a job, a route)."""
 

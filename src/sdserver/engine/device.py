@@ -35,6 +35,15 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return _DTYPES[requested]
 
 
+def device_memory(device: torch.device) -> dict[str, float]:
+    """Bytes held by torch on the accelerator (empty on the CPU: see process RSS instead)."""
+    if device.type == "cuda":
+        return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device)}
+    if device.type == "mps":
+        return {"allocated": torch.mps.current_allocated_memory(), "reserved": torch.mps.driver_allocated_memory()}
+    return {}
+
+
 def free_device_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -57,6 +57,7 @@ class Registry:
         self._specs = {spec.name: spec for spec in specs}
         self._base = next(spec.name for spec in specs if spec.is_base)
         self._loaded: dict[str, LoadedPipelines] = {}
+        self.load_count = 0
         self.device, self.dtype, self._token = device, dtype, token
 
     @property
@@ -65,6 +66,9 @@ class Registry:
 
     def names(self) -> list[str]:
         return list(self._specs)
+
+    def loaded_names(self) -> list[str]:
+        return list(self._loaded)
 
     def spec(self, name: str | None) -> ModelSpec:
         key = self._base if name is None else name
@@ -110,5 +114,6 @@ class Registry:
         self._loaded[spec.name] = load_pipelines(
             spec.source, device=self.device, dtype=self.dtype, token=self._token, safety_checker_from=borrow
         )
+        self.load_count += 1
         checker = "with" if self._loaded[spec.name].safety_checker is not None else "without"
         log.info("loaded model %r %s safety checker in %.1fs", spec.name, checker, time.perf_counter() - started)

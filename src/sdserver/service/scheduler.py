@@ -29,6 +29,7 @@ from sdserver.core.errors import (
 )
 from sdserver.core.types import GeneratedImage, GenerationRequest, GenerationResult, Progress
 from sdserver.service.jobs import Job, JobStatus, JobStore
+from sdserver.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class Scheduler:
         batch_window_s: float = 0.02,
         queue_timeout_s: float | None = None,
         jobs: JobStore | None = None,
+        metrics: Metrics | None = None,
+        on_worker_death: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.max_queue = max_queue
@@ -61,9 +64,13 @@ class Scheduler:
         self.queue_timeout_s = queue_timeout_s
         self.jobs = jobs if jobs is not None else JobStore()
         self._queue: deque[Job] = deque()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._on_worker_death = on_worker_death
         self._expect_company = False  # did the last batch have more than one job?
         self._wakeup = threading.Condition()
+        self._accepting = True
         self._stopping = False
+        self._running: list[Job] = []
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -71,12 +78,32 @@ class Scheduler:
         self._thread = threading.Thread(target=self._work, name="sdserver-worker", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking work; fail whatever is still queued; wait for the running batch."""
+    def stop_accepting(self) -> None:
+        """New submissions are refused (503); queued and running work carries on."""
         with self._wakeup:
+            self._accepting = False
+
+    def drain(self, timeout: float) -> bool:
+        """Stop accepting and wait up to `timeout` for the queue and the worker to empty."""
+        self.stop_accepting()
+        deadline = time.monotonic() + timeout
+        with self._wakeup:
+            while (self._queue or self._running) and self.alive:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._wakeup.wait(remaining)
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Fail whatever is still queued, stop the running batch at its next step, end the worker."""
+        with self._wakeup:
+            self._accepting = False
             self._stopping = True
             leftovers = list(self._queue)
             self._queue.clear()
+            for job in self._running:
+                job.cancel_requested = True
             self._wakeup.notify_all()
         for job in leftovers:
             job.fail(Unavailable("the server is shutting down; the request was not run"))
@@ -86,6 +113,10 @@ class Scheduler:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting and self.alive
 
     # -- submitting ------------------------------------------------------------------------------
     def submit(
@@ -105,14 +136,20 @@ class Scheduler:
         deadline = None if self.queue_timeout_s is None else time.monotonic() + self.queue_timeout_s
         job = Job(request=prepared, deadline=deadline, preview_every=preview_every)
         with self._wakeup:
-            if self._stopping or not self.alive:
-                raise Unavailable("the server is not accepting work (starting or shutting down)")
+            if not self.accepting:
+                raise Unavailable("the server is not accepting work (starting, shutting down, or its worker stopped)")
             if len(self._queue) >= self.max_queue:
                 raise Overloaded(f"the queue is full ({self.max_queue} waiting); retry shortly")
             self._queue.append(job)
             self._wakeup.notify_all()
+        job.add_listener(self._count_outcome)
         self.jobs.add(job, idempotency_key)
         return job
+
+    def _count_outcome(self, job: Job) -> None:
+        if job.done:
+            job.remove_listener(self._count_outcome)
+            self.metrics.jobs.labels(status=job.status.value).inc()
 
     def get(self, job_id: str) -> Job:
         return self.jobs.get(job_id)
@@ -143,11 +180,34 @@ class Scheduler:
 
     # -- the worker ------------------------------------------------------------------------------
     def _work(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self._run(batch)
+        batch: list[Job] | None = []
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                with self._wakeup:
+                    self._running = batch
+                try:
+                    self._run(batch)
+                finally:
+                    with self._wakeup:
+                        self._running = []
+                        self._wakeup.notify_all()
+        except BaseException:
+            log.critical("the worker thread died; no more requests can be served", exc_info=True)
+            self._die(batch or [])
+
+    def _die(self, in_hand: list[Job]) -> None:
+        with self._wakeup:
+            self._accepting = False
+            leftovers = list(self._queue) + in_hand
+            self._queue.clear()
+            self._wakeup.notify_all()
+        for job in leftovers:  # already-finished jobs ignore this
+            job.fail(Unavailable("the server's worker stopped; the request was not completed"))
+        if self._on_worker_death is not None:
+            self._on_worker_death()
 
     def _next_batch(self) -> list[Job] | None:
         with self._wakeup:
@@ -187,11 +247,14 @@ class Scheduler:
             return
         for job in batch:
             job.mark_running()
+            self.metrics.queue_wait_seconds.observe(time.monotonic() - job.enqueued_at)
+        self.metrics.batch_images.observe(sum(job.request.num_images for job in batch))
         try:
             outputs = self.engine.run([job.request for job in batch], self._progress_reporter(batch))
         except Cancelled as exc:
+            error = Unavailable("the server shut down before this request finished") if self._stopping else exc
             for job in batch:
-                job.fail(exc)
+                job.fail(error)
             return
         except GenerationError as exc:
             if len(batch) > 1 and not isinstance(exc, OutOfMemory):
@@ -216,16 +279,21 @@ class Scheduler:
                 job.fail(Cancelled("cancelled while running"))
             else:
                 job.succeed(GenerationResult(model=job.request.model or "", images=images))
+                self.metrics.images.labels(model=job.request.model or "").inc(len(images))
 
-    @staticmethod
-    def _progress_reporter(batch: list[Job]) -> StepCallback:
+    def _progress_reporter(self, batch: list[Job]) -> StepCallback:
         # Output index of each job's first image in the batch, for its preview.
         offsets, offset = [], 0
         for job in batch:
             offsets.append(offset)
             offset += job.request.num_images
 
+        last_step = [time.perf_counter()]
+
         def on_step(step: int, total: int, previews: Callable[[], list[Image.Image]]) -> None:
+            now = time.perf_counter()
+            self.metrics.step_seconds.observe(now - last_step[0])
+            last_step[0] = now
             images = previews() if any(job.wants_preview(step) for job in batch) else None
             for job, first_image in zip(batch, offsets, strict=True):
                 preview = images[first_image] if images is not None and job.wants_preview(step) else None

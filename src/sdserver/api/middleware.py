@@ -1,0 +1,96 @@
+"""ASGI middleware: request ids and one structured log line per request, and the body size limit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from contextvars import ContextVar
+from typing import Any
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sdserver.api import errors
+from sdserver.core.errors import PayloadTooLarge
+from sdserver.service.metrics import Metrics
+
+log = logging.getLogger("sdserver.access")
+_INCOMING_ID = re.compile(r"^[\w.-]{1,64}$")
+_request_fields: ContextVar[dict[str, Any] | None] = ContextVar("sdserver_request_fields", default=None)
+
+
+def note(**fields: Any) -> None:
+    """Add fields (model, size, steps, queue wait, run time...) to the current request's log line."""
+    current = _request_fields.get()
+    if current is not None:
+        current.update(fields)
+
+
+class RequestLog:
+    """Tags each request with an id (X-Request-ID, echoed back), counts it, and logs one JSON line."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _INCOMING_ID.match(incoming) else uuid.uuid4().hex
+        fields: dict[str, Any] = {"id": request_id, "method": scope["method"], "path": scope["path"]}
+        token = _request_fields.set(fields)
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                fields["status"] = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            _request_fields.reset(token)
+            route = getattr(scope.get("route"), "path", "unmatched")
+            status = fields.setdefault("status", 500)
+            fields["duration_s"] = round(time.perf_counter() - started, 4)
+            self.metrics.requests.labels(route=route, method=scope["method"], status=str(status)).inc()
+            log.info(json.dumps(fields, default=str))
+
+
+class BodySizeLimit:
+    """Refuse bodies over `max_bytes` with 413: at once when Content-Length says so, and while
+    streaming otherwise, so an oversized body is never read into memory whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _error(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"body: the request is over the limit of {self.max_bytes / 1e6:g} MB")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            response = errors.render(Request(scope), self._error())
+            response.headers["connection"] = "close"
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._error()
+            return message
+
+        await self.app(scope, limited_receive, send)
