@@ -6,6 +6,7 @@ import asyncio
 
 from fastapi import Request
 
+from sdserver.api.middleware import note
 from sdserver.core.errors import Cancelled
 from sdserver.core.types import GenerationRequest, GenerationResult
 from sdserver.service.scheduler import Scheduler
@@ -17,11 +18,18 @@ async def generate(request: Request, scheduler: Scheduler, generation: Generatio
     """Queue `generation` and wait for it; if the client hangs up meanwhile, cancel the job
     (out of the queue, or stopped at its next denoising step)."""
     job = scheduler.submit(generation)
+    r = job.request
+    note(model=r.model, task=r.task.value, size=f"{r.width}x{r.height}", steps=r.steps, images=r.num_images)
     waiter = asyncio.ensure_future(job.wait_async())
     try:
         while True:
             done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
             if done:
+                if job.started_at is not None and job.finished_at is not None:
+                    note(
+                        queue_wait_s=round(job.started_at - job.created_at, 4),
+                        run_s=round(job.finished_at - job.started_at, 4),
+                    )
                 return waiter.result()
             if await request.is_disconnected():
                 scheduler.cancel(job.id)
