@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -65,16 +66,26 @@ def test_a_hung_pipeline_times_out_the_queue_and_health_still_answers(
 
 
 def serve(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """Start a server process; its log goes to a temporary file (a pipe nobody reads would fill up
+    under load and block the server's logging)."""
     port = free_port()
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the process
     process = subprocess.Popen(
         [sys.executable, "-m", "sdserver", "serve", "--port", str(port), *args],
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    process.log = log  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
     wait_for_ping(url, process)
     return process, url
+
+
+def output_of(process: subprocess.Popen[str]) -> str:
+    log = process.log  # type: ignore[attr-defined]
+    log.seek(0)
+    return str(log.read())
 
 
 def post_in_thread(url: str, fields: dict[str, Any], out: list[httpx.Response]) -> threading.Thread:
@@ -96,8 +107,7 @@ def test_sigterm_finishes_the_work_in_flight_then_exits_0(tiny_model: Path) -> N
     process.send_signal(signal.SIGTERM)
     for thread in threads:
         thread.join(120)
-    output, _ = process.communicate(timeout=60)
-    assert process.returncode == 0, output
+    assert process.wait(timeout=60) == 0, output_of(process)
     assert [r.status_code for r in responses] == [200, 200, 200], [r.text for r in responses]
 
 
@@ -110,8 +120,7 @@ def test_sigterm_past_the_drain_timeout_answers_what_is_left_clearly(tiny_model:
     process.send_signal(signal.SIGTERM)
     for thread in threads:
         thread.join(120)
-    output, _ = process.communicate(timeout=60)
-    assert process.returncode == 0, output
+    assert process.wait(timeout=60) == 0, output_of(process)
     assert len(responses) == 4, "every client got an answer"
     failed = [r for r in responses if r.status_code != 200]
     assert failed, "the drain timeout should have cut some work short"
