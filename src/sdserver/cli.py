@@ -170,3 +170,43 @@ def make_tiny_model(
 
     build(folder, inpainting=inpainting, safety_checker=safety_checker, always_flag=always_flag, seed=seed)
     typer.echo(f"wrote {folder}")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Image file: .png (with parameters), .jpg or .webp")],
+    model: Annotated[str | None, typer.Option(help="In-process: hub id, folder or 'demo'; --url: a model name")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default 50)")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (default random)")] = None,
+    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT, e.g. 512x512 (default: the model's)")] = None,
+    negative_prompt: Annotated[str | None, typer.Option(help="What to steer away from")] = None,
+    sampler: Annotated[str | None, typer.Option(help="An A1111 sampler name, e.g. 'DPM++ 2M Karras'")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="CFG scale (default 7.5)")] = None,
+    quality: Annotated[int, typer.Option(help="JPEG/WebP quality 0-100")] = 90,
+    url: Annotated[
+        str | None, typer.Option(help="A running sdserver (e.g. http://127.0.0.1:1337); else in-process")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="config.json, in-process only")] = None,
+    device: Annotated[str | None, typer.Option(help="In-process: auto, cuda, mps, cpu")] = None,
+) -> None:
+    """Generate one image, in-process or on a running server (--url), with a progress bar."""
+    from sdserver.cli_generate import run_generate
+
+    run_generate(
+        prompt=prompt,
+        output=output,
+        fields={
+            "model": model,
+            "steps": steps,
+            "seed": seed,
+            "negative_prompt": negative_prompt,
+            "sampler": sampler,
+            "guidance_scale": guidance_scale,
+        },
+        size=size,
+        quality=quality,
+        url=url,
+        config=config,
+        device=device,
+    )

@@ -1,4 +1,5 @@
-"""Images in and out: base64 / data-URL decoding with limits, RGB conversion, PNG encoding."""
+"""Images in and out: base64 / data-URL decoding with limits, RGB conversion, PNG (with metadata), JPEG and
+WebP encoding."""
 
 from __future__ import annotations
 
@@ -7,10 +8,15 @@ import binascii
 import io
 import re
 import warnings
+from collections.abc import Mapping
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# PNG text chunks carrying the generation parameters (written by sdserver.metadata)
+METADATA_KEYS = ("parameters", "parameters_json")
 # Decoding happens before any size check of ours, so cap the pixels PIL will decode at all.
 MAX_DECODE_PIXELS = 64 * 1024 * 1024
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
@@ -69,11 +75,34 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def encode_png(image: Image.Image) -> bytes:
+def encode_png(image: Image.Image, metadata: Mapping[str, str] | None = None) -> bytes:
+    """PNG bytes with `metadata` as text chunks; by default the generation parameters the engine
+    attached to `image.info` (see sdserver.metadata)."""
+    if metadata is None:
+        metadata = {key: value for key in METADATA_KEYS if isinstance(value := image.info.get(key), str)}
+    info = PngImagePlugin.PngInfo()
+    for key, text in metadata.items():
+        info.add_itxt(key, text) if not text.isascii() else info.add_text(key, text)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
 
 
-def png_base64(image: Image.Image) -> str:
-    return base64.b64encode(encode_png(image)).decode("ascii")
+def encode_image(
+    image: Image.Image,
+    output_format: str = "png",
+    quality: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> bytes:
+    """`png` (with metadata), `jpeg` or `webp` (with `quality` 0-100, default 90)."""
+    if output_format == "png":
+        return encode_png(image, metadata)
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format {output_format!r}; valid: {', '.join(OUTPUT_FORMATS)}")
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format=output_format.upper(), quality=90 if quality is None else quality)
+    return buffer.getvalue()
+
+
+def png_base64(image: Image.Image, metadata: Mapping[str, str] | None = None) -> str:
+    return base64.b64encode(encode_png(image, metadata)).decode("ascii")

@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -27,6 +28,30 @@ from sdserver.core.errors import InvalidRequest
 from sdserver.imaging import decode_image, to_rgb
 
 MAX_SEED = 2**63 - 1
+
+# Samplers by AUTOMATIC1111's names (engine/samplers.py maps each to a diffusers scheduler), and
+# the aliases clients also send (A1111's k-diffusion names, PLMS). Matched case-insensitively.
+SAMPLER_NAMES = (
+    "Euler", "Euler a", "Heun", "DPM2", "DPM2 Karras", "DPM2 a", "DPM2 a Karras",
+    "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM++ SDE", "DPM++ SDE Karras",
+    "LMS", "LMS Karras", "DDIM", "PNDM", "UniPC", "DEIS", "LCM",
+)  # fmt: skip
+SAMPLER_ALIASES = {
+    "k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "k_heun": "Heun",
+    "k_dpm_2": "DPM2", "k_dpm_2_ka": "DPM2 Karras", "k_dpm_2_a": "DPM2 a", "k_dpm_2_a_ka": "DPM2 a Karras",
+    "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_2m_ka": "DPM++ 2M Karras", "k_dpmpp_2m_sde": "DPM++ 2M SDE",
+    "k_dpmpp_2m_sde_ka": "DPM++ 2M SDE Karras", "k_dpmpp_sde": "DPM++ SDE", "k_dpmpp_sde_ka": "DPM++ SDE Karras",
+    "k_lms": "LMS", "k_lms_ka": "LMS Karras", "plms": "PNDM",
+}  # fmt: skip
+_SAMPLERS_BY_KEY = {name.lower(): name for name in SAMPLER_NAMES} | SAMPLER_ALIASES
+
+
+def canonical_sampler(name: str) -> str:
+    """The canonical sampler name for `name` (any case, or an alias); ValueError lists the valid ones."""
+    found = _SAMPLERS_BY_KEY.get(name.strip().lower())
+    if found is None:
+        raise ValueError(f"unknown sampler; valid: {', '.join(SAMPLER_NAMES)}")
+    return found
 
 
 class Task(StrEnum):
@@ -79,6 +104,15 @@ class GenerationRequest(BaseModel):
     strength: float = Field(default=0.7, ge=0.0, le=1.0, allow_inf_nan=False)
     init_image: ImageField = None
     mask_image: ImageField = None
+    sampler: str | None = None  # an A1111 sampler name (SAMPLER_NAMES); None: the model's own scheduler
+    clip_skip: int | None = Field(default=None, ge=1, le=12)  # A1111's: 1 = last CLIP layer, 2 = penultimate
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _sampler(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return canonical_sampler(value) if value.strip() else None
+        return value
 
     @model_validator(mode="after")
     def _check_inputs(self, info: ValidationInfo) -> GenerationRequest:
@@ -108,8 +142,10 @@ class GenerationRequest(BaseModel):
             raise _field_error("init_image", None, f"is required for {self.task.value}")
         if self.task is Task.INPAINT and self.mask_image is None:
             raise _field_error("mask_image", None, "is required for inpaint")
-        if self.task is not Task.TXT2IMG and self.strength == 0.0:
-            raise _field_error("strength", self.strength, "must be above 0 (0 would change nothing)")
+        if self.task is not Task.TXT2IMG and int(self.steps * self.strength) < 1:
+            # img2img runs steps * strength denoising steps; zero would change nothing (and crash diffusers)
+            reason = f"x steps {self.steps} gives no denoising step; raise strength or steps"
+            raise _field_error("strength", self.strength, reason)
         return self
 
     def with_seed(self) -> GenerationRequest:

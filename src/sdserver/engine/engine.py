@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 from collections.abc import Sequence
 
+import torch
 from PIL import Image
 
-from sdserver.core.errors import Cancelled, GenerationError, OutOfMemory, SDServerError
+from sdserver import metadata
+from sdserver.core.errors import Cancelled, GenerationError, InvalidRequest, OutOfMemory, SDServerError
 from sdserver.core.types import GeneratedImage, GenerationRequest
-from sdserver.engine.device import free_device_memory, is_out_of_memory, pick_device, pick_dtype
+from sdserver.engine.device import device_memory, free_device_memory, is_out_of_memory, pick_device, pick_dtype
+from sdserver.engine.loaders import LoadedPipelines
 from sdserver.engine.registry import ModelSpec, Registry, specs_from_settings
 from sdserver.engine.runner import StepCallback, run_batch
+from sdserver.engine.samplers import sampler_label
 from sdserver.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -21,6 +27,8 @@ class Engine:
     def __init__(self, registry: Registry, *, fall_back_to_demo: bool = False) -> None:
         self.registry = registry
         self._fall_back_to_demo = fall_back_to_demo
+        self._hashes: dict[str, str] = {}
+        self._hash_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:
@@ -37,6 +45,14 @@ class Engine:
         """Load every configured model (slow: call before serving)."""
         self.registry.load_all(fall_back_to_demo=self._fall_back_to_demo)
 
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Numbers for the metrics endpoint."""
+        registry = self.registry
+        return {
+            "models": {"loaded": len(registry.loaded_names()), "loads": registry.load_count},
+            "device_memory_bytes": device_memory(registry.device),
+        }
+
     def models(self) -> list[ModelSpec]:
         return [self.registry.spec(name) for name in self.registry.names()]
 
@@ -44,6 +60,11 @@ class Engine:
         """Check the request against its model and fill what the model decides (name, size)."""
         spec = self.registry.spec(request.model)
         update: dict[str, object] = {"model": spec.name}
+        if request.clip_skip is not None:
+            layers = int(self.registry.get(spec.name).txt2img.text_encoder.config.num_hidden_layers)
+            if request.clip_skip > layers:
+                reason = f"must be at most {layers} (the CLIP layers of model {spec.name!r})"
+                raise InvalidRequest(f"clip_skip: {reason}, got {request.clip_skip}", field="clip_skip")
         if request.init_image is not None:
             init = _fit_to_multiple(request.init_image, 8)
             update.update(init_image=init, width=init.width, height=init.height)
@@ -58,7 +79,9 @@ class Engine:
         """Run prepared, compatible requests as one pipeline call."""
         model = self.registry.get(requests[0].model)
         try:
-            return run_batch(model, requests, on_step)
+            outputs = run_batch(model, requests, on_step)
+            self._describe(model, requests, outputs)
+            return outputs
         except SDServerError:
             raise  # e.g. Cancelled raised by on_step
         except Exception as exc:
@@ -69,6 +92,41 @@ class Engine:
                 ) from exc
             log.exception("generation failed")
             raise GenerationError(f"generation failed: {type(exc).__name__}: {exc}") from exc
+
+    def model_hash(self, name: str | None) -> str:
+        """sha256 (hex) of the model's UNet weights as loaded; computed once per model."""
+        spec = self.registry.spec(name)
+        with self._hash_lock:
+            if spec.name not in self._hashes:
+                self._hashes[spec.name] = _weights_hash(self.registry.get(spec.name).txt2img.unet)
+            return self._hashes[spec.name]
+
+    def _describe(
+        self, model: LoadedPipelines, requests: Sequence[GenerationRequest], outputs: list[list[GeneratedImage]]
+    ) -> None:
+        """Attach each image's generation parameters (the PNG metadata) to it."""
+        for request, images in zip(requests, outputs, strict=True):
+            name = request.model or self.registry.base_name
+            sampler = sampler_label(request.sampler, model.txt2img.scheduler)
+            for out in images:
+                params = metadata.parameters_for(
+                    request,
+                    seed=out.seed,
+                    width=out.image.width,
+                    height=out.image.height,
+                    model=name,
+                    model_hash=self.model_hash(name),
+                    sampler=sampler,
+                )
+                metadata.attach(out.image, params)
+
+
+def _weights_hash(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _fit_to_multiple(image: Image.Image, multiple: int) -> Image.Image:

@@ -11,6 +11,7 @@ from PIL import Image
 from sdserver.core.types import GeneratedImage, GenerationRequest, Task
 from sdserver.engine.loaders import LoadedPipelines
 from sdserver.engine.preview import latents_to_previews
+from sdserver.engine.samplers import using_sampler
 
 # (steps done, total steps, previews): may raise to stop the run; previews() decodes the current
 # latents cheaply into one small image per output, only if called.
@@ -47,18 +48,33 @@ def run_batch(
         "callback_on_step_end": step_end,
         "output_type": "pil",
     }
+    if first.clip_skip is not None and first.clip_skip > 1:
+        # A1111 counts the last layer as 1, diffusers as 0. Encoded here: diffusers' own clip_skip
+        # path needs `text_encoder.text_model`, which transformers 5 no longer has.
+        skip = first.clip_skip - 1
+        common["prompt_embeds"] = _clip_skip_embeds(model.txt2img, common.pop("prompt"), skip)
+        common["negative_prompt_embeds"] = _clip_skip_embeds(model.txt2img, negatives, skip)
+        del common["negative_prompt"]
 
     # 2. The task's pipeline and inputs. A 9-channel inpainting model serves every task as inpainting.
     inits, masks = _task_images(model, requests)
+    inputs: dict[str, Any]
     if masks is None and first.task is Task.TXT2IMG:
-        output = model.txt2img(width=first.width, height=first.height, **common)
+        pipe, inputs = model.txt2img, {"width": first.width, "height": first.height}
     elif masks is None:
-        output = model.img2img(image=inits, strength=first.strength, **common)
+        pipe, inputs = model.img2img, {"image": inits, "strength": first.strength}
     else:
         strength = 1.0 if first.task is Task.TXT2IMG else first.strength
-        output = model.inpaint(
-            image=inits, mask_image=masks, strength=strength, width=first.width, height=first.height, **common
-        )
+        pipe = model.inpaint
+        inputs = {
+            "image": inits,
+            "mask_image": masks,
+            "strength": strength,
+            "width": first.width,
+            "height": first.height,
+        }
+    with using_sampler(pipe, first.sampler):
+        output = pipe(**inputs, **common)
 
     # 3. Safety flags (None when the model has no checker) and, for inpainting, the untouched pixels.
     flags = output.nsfw_content_detected or [False] * len(prompts)
@@ -78,6 +94,18 @@ def run_batch(
         )
         index += count
     return results
+
+
+def _clip_skip_embeds(pipe: Any, texts: list[str], skip: int) -> Any:
+    """Prompt embeddings from the CLIP layer `skip` layers before the last (normalised, as diffusers does)."""
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    tokens = tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        hidden = encoder(tokens.input_ids.to(encoder.device), output_hidden_states=True).hidden_states[-(skip + 1)]
+        norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        return norm(hidden).to(dtype=encoder.dtype)
 
 
 def _task_images(

@@ -55,7 +55,8 @@ class Job:
     def batch_key(self) -> tuple[object, ...]:
         """Jobs with equal keys can share one pipeline call."""
         r = self.request
-        return (r.model, r.task, r.width, r.height, r.steps, r.guidance_scale, r.eta, r.strength)
+        sampling = (r.steps, r.guidance_scale, r.eta, r.strength, r.sampler, r.clip_skip)
+        return (r.model, r.task, r.width, r.height, *sampling)
 
     @property
     def done(self) -> bool:

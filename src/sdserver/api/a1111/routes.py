@@ -1,17 +1,284 @@
-"""Routes of the AUTOMATIC1111 API (to be written)."""
+"""Routes of the AUTOMATIC1111 API (`/sdapi/v1/*`), plus the protocol-neutral `POST /png-info`.
+
+State that A1111 keeps globally (the selected checkpoint, CLIP skip, preview interval) lives in
+`app.state.a1111_options` and applies to A1111 requests only.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
-from sdserver.core.errors import SDServerError
+from sdserver.api import waiting
+from sdserver.api.a1111.protocol import (
+    ImagesOut,
+    Img2ImgBody,
+    PngInfoBody,
+    PngInfoOut,
+    Txt2ImgBody,
+    generation_request,
+    resolve_checkpoint,
+    response,
+    samplers,
+    schedulers,
+    title,
+)
+from sdserver.api.deps import EngineDep, SchedulerDep, SettingsDep
+from sdserver.core.errors import Cancelled, InvalidRequest, SDServerError
+from sdserver.core.types import Task
+from sdserver.engine import Engine
+from sdserver.imaging import b64decode, png_base64
+from sdserver.metadata import JSON_KEY, parse_infotext, read_info
+from sdserver.service.jobs import JobStatus
 
-router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"])
+sdapi = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"])
+router = APIRouter()  # sdapi's routes and /png-info (included at the end of this module)
+DEFAULT_PREVIEW_EVERY = 5
 
 
 def render_error(error: SDServerError, status: int) -> Response:
-    """AUTOMATIC1111's error shape."""
-    return JSONResponse(
-        {"error": type(error).__name__, "detail": error.message, "errors": error.message}, status_code=status
+    """AUTOMATIC1111's error shapes: FastAPI's 422 `{"detail": [{"loc", "msg", "type"}]}` for bad
+    input, else its API's `{"error", "detail", "body", "errors"}`."""
+    if isinstance(error, InvalidRequest) and status == 400:
+        loc = ["body", error.field] if error.field else ["body"]
+        return JSONResponse({"detail": [{"loc": loc, "msg": error.message, "type": "value_error"}]}, status_code=422)
+    body = {"error": type(error).__name__, "detail": error.message, "body": "", "errors": f"{status}: {error.message}"}
+    return JSONResponse(body, status_code=status)
+
+
+class Options:
+    """A1111's global options that we honour; others are kept and echoed."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.model: str = engine.registry.base_name
+        self.values: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "show_progress_every_n_steps": -1}
+
+
+def _options(request: Request, engine: EngineDep) -> Options:
+    options: Options | None = getattr(request.app.state, "a1111_options", None)
+    if options is None:
+        options = Options(engine)
+        request.app.state.a1111_options = options
+    return options
+
+
+OptionsDep = Annotated[Options, Depends(_options)]
+
+
+def _titles(engine: Engine) -> dict[str, str]:
+    return {name: title(name, engine.model_hash(name)) for name in engine.registry.names()}
+
+
+async def _generate(
+    request: Request, body: Txt2ImgBody, task: Task, scheduler: Any, engine: Engine, options: Options, limits: Any
+) -> ImagesOut:
+    overrides = body.override_settings or {}
+    model = options.model
+    if overrides.get("sd_model_checkpoint"):
+        titles = await run_in_threadpool(_titles, engine)
+        model = resolve_checkpoint(overrides["sd_model_checkpoint"], titles)
+    clip_skip = overrides.get("CLIP_stop_at_last_layers", options.values["CLIP_stop_at_last_layers"])
+    generation = await run_in_threadpool(generation_request, body, task, model, clip_skip, limits)
+    try:
+        result = await waiting.generate(request, scheduler, generation)
+    except Cancelled:
+        result = None  # /interrupt or /skip: A1111 answers normally, here with no images
+    model_hash = await run_in_threadpool(engine.model_hash, model)
+    return await run_in_threadpool(response, body, generation, result, model_hash)
+
+
+@sdapi.post("/txt2img", response_model=ImagesOut)
+async def txt2img(
+    body: Txt2ImgBody,
+    request: Request,
+    scheduler: SchedulerDep,
+    engine: EngineDep,
+    options: OptionsDep,
+    settings: SettingsDep,
+) -> ImagesOut:
+    """Text to image. `batch_size` x `n_iter` images run as one batched call; `seed` -1 is random."""
+    return await _generate(request, body, Task.TXT2IMG, scheduler, engine, options, settings.limits)
+
+
+@sdapi.post("/img2img", response_model=ImagesOut)
+async def img2img(
+    body: Img2ImgBody,
+    request: Request,
+    scheduler: SchedulerDep,
+    engine: EngineDep,
+    options: OptionsDep,
+    settings: SettingsDep,
+) -> ImagesOut:
+    """Image to image (`init_images`, `denoising_strength`), inpainting with a `mask` (white = repaint,
+    or black with `inpainting_mask_invert` 1; softened by `mask_blur` px). The output has `width` x `height`."""
+    return await _generate(request, body, Task.IMG2IMG, scheduler, engine, options, settings.limits)
+
+
+@sdapi.get("/progress")
+async def progress(
+    scheduler: SchedulerDep, options: OptionsDep, skip_current_image: Annotated[bool, Query()] = False
+) -> dict[str, Any]:
+    """The running job's progress (0..1), ETA in seconds, and a preview as `current_image`.
+
+    Previews are decoded only once a client asks for them (every `show_progress_every_n_steps`)."""
+    jobs = scheduler.jobs.all()
+    running = [job for job in jobs if job.status is JobStatus.RUNNING]
+    queued = sum(job.status is JobStatus.QUEUED for job in jobs)
+    state: dict[str, Any] = {
+        "skipped": False,
+        "interrupted": False,
+        "stopping_generation": False,
+        "job": "",
+        "job_count": len(running) + queued,
+        "job_timestamp": "0",
+        "job_no": 0,
+        "sampling_step": 0,
+        "sampling_steps": 0,
+    }
+    if not running:
+        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+    job = running[0]
+    step, total = (job.progress.step, job.progress.total) if job.progress is not None else (0, 0)
+    state.update(job=f"job {job.id}", interrupted=job.cancel_requested, sampling_step=step, sampling_steps=total)
+    current_image = None
+    if not skip_current_image:
+        if job.preview_every == 0:
+            every = int(options.values.get("show_progress_every_n_steps") or -1)
+            job.preview_every = every if every > 0 else 1
+        if job.preview is not None:
+            current_image = await run_in_threadpool(png_base64, job.preview)
+    return {
+        "progress": round(step / total, 4) if total else 0.0,
+        "eta_relative": round(job.eta_s or 0.0, 3),
+        "state": state,
+        "current_image": current_image,
+        "textinfo": f"step {step} of {total}" if total else "starting",
+    }
+
+
+def _stop_running(scheduler: Any) -> None:
+    for job in scheduler.jobs.all():
+        if job.status is JobStatus.RUNNING:
+            scheduler.cancel(job.id)
+
+
+@sdapi.post("/interrupt")
+async def interrupt(scheduler: SchedulerDep) -> None:
+    """Stop the running generation at its next step (its request answers with no images)."""
+    _stop_running(scheduler)
+
+
+@sdapi.post("/skip")
+async def skip(scheduler: SchedulerDep) -> None:
+    """As /interrupt: sdserver runs a request's images as one batch, so there is no next one to go on to."""
+    _stop_running(scheduler)
+
+
+@sdapi.get("/sd-models")
+async def sd_models(engine: EngineDep) -> list[dict[str, Any]]:
+    """The configured models; `title` (or `model_name`) selects one in options or override_settings."""
+    titles = await run_in_threadpool(_titles, engine)
+    out = []
+    for spec in engine.models():
+        full = await run_in_threadpool(engine.model_hash, spec.name)
+        out.append(
+            {
+                "title": titles[spec.name],
+                "model_name": spec.name,
+                "hash": full[:10],
+                "sha256": full,
+                "filename": spec.source,
+                "config": None,
+            }
+        )
+    return out
+
+
+@sdapi.post("/refresh-checkpoints")
+async def refresh_checkpoints() -> None:
+    """Nothing to do: models come from the configuration, loaded at start-up."""
+
+
+@sdapi.get("/samplers")
+async def list_samplers() -> list[dict[str, Any]]:
+    return samplers()
+
+
+@sdapi.get("/schedulers")
+async def list_schedulers() -> list[dict[str, Any]]:
+    return schedulers()
+
+
+@sdapi.get("/loras")
+async def loras() -> list[dict[str, Any]]:
+    """Always empty: LoRA support is not there yet."""
+    return []
+
+
+@sdapi.get("/options")
+async def get_options(engine: EngineDep, options: OptionsDep) -> dict[str, Any]:
+    full = await run_in_threadpool(engine.model_hash, options.model)
+    return {
+        **options.values,
+        "sd_model_checkpoint": title(options.model, full),
+        "sd_checkpoint_hash": full,
+        "samples_format": "png",
+    }
+
+
+@sdapi.post("/options")
+async def set_options(
+    engine: EngineDep,
+    options: OptionsDep,
+    values: Annotated[
+        dict[str, Any],
+        Body(examples=[{"sd_model_checkpoint": "my-model", "CLIP_stop_at_last_layers": 2}]),
+    ],
+) -> None:
+    """`sd_model_checkpoint` selects the model of later A1111 requests; `CLIP_stop_at_last_layers` (1-12)
+    their CLIP skip; `show_progress_every_n_steps` the preview interval. Other options are kept, unused."""
+    updates = dict(values)
+    if "sd_model_checkpoint" in updates:
+        titles = await run_in_threadpool(_titles, engine)
+        model = resolve_checkpoint(updates.pop("sd_model_checkpoint"), titles)
+    else:
+        model = options.model
+    clip = updates.get("CLIP_stop_at_last_layers", 1)
+    if not isinstance(clip, int) or isinstance(clip, bool) or not 1 <= clip <= 12:
+        raise InvalidRequest(
+            f"CLIP_stop_at_last_layers: must be an integer from 1 to 12, got {clip!r}", field="CLIP_stop_at_last_layers"
+        )
+    options.model = model
+    options.values.update(updates)
+
+
+async def _png_info(body: PngInfoBody) -> PngInfoOut:
+    try:
+        text, structured, others = read_info(b64decode(body.image))
+    except ValueError as exc:
+        raise InvalidRequest(f"image: {exc}", field="image") from None
+    items: dict[str, Any] = dict(others)
+    if structured is not None:
+        items = {**items, JSON_KEY: structured}
+    return PngInfoOut(
+        info=text or "", items=items, parameters=parse_infotext(text) if text else {}, parameters_json=structured
     )
+
+
+@sdapi.post("/png-info", response_model=PngInfoOut)
+async def sdapi_png_info(body: PngInfoBody) -> PngInfoOut:
+    """The generation parameters inside a PNG: `info` (the A1111 text), `parameters` (parsed)."""
+    return await _png_info(body)
+
+
+router.include_router(sdapi)
+
+
+@router.post("/png-info", response_model=PngInfoOut, tags=["images"])
+async def png_info(body: PngInfoBody) -> PngInfoOut:
+    """The generation parameters inside a PNG (any sdserver or AUTOMATIC1111 image): `info` (the A1111
+    text), `parameters` (parsed), `parameters_json` (sdserver's structured copy)."""
+    return await _png_info(body)

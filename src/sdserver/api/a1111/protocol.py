@@ -1,0 +1,285 @@
+"""AUTOMATIC1111's `/sdapi/v1` fields and shapes, and their mapping to the core types.
+
+Honoured: prompt, negative_prompt, seed (-1 = random), batch_size x n_iter images (one batched
+call), steps, cfg_scale, width, height, sampler_name (or sampler_index) with scheduler (automatic,
+uniform, karras), eta, denoising_strength, init_images, mask, mask_blur, inpainting_mask_invert,
+send_images, override_settings (sd_model_checkpoint, CLIP_stop_at_last_layers). Accepted and
+ignored: subseed/subseed_strength (noted in `info`), styles, save_images, hires fix, restore_faces,
+tiling, scripts, resize_mode (always "just resize"), inpainting_fill, inpaint_full_res.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from PIL import Image, ImageFilter, ImageOps
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdserver import __version__
+from sdserver.core.errors import InvalidRequest, NotFound
+from sdserver.core.types import (
+    SAMPLER_ALIASES,
+    SAMPLER_NAMES,
+    GenerationRequest,
+    GenerationResult,
+    Limits,
+    Task,
+    validate_request,
+)
+from sdserver.imaging import decode_image, png_base64
+from sdserver.metadata import PARAMETERS_KEY, params_of
+
+NAMES = {
+    "num_images": "batch_size",
+    "guidance_scale": "cfg_scale",
+    "init_image": "init_images",
+    "mask_image": "mask",
+    "strength": "denoising_strength",
+    "sampler": "sampler_name",
+    "clip_skip": "CLIP_stop_at_last_layers",
+}
+SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
+
+
+class Txt2ImgBody(BaseModel):
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "example": {
+                "prompt": "a red circle on a blue background",
+                "negative_prompt": "blurry",
+                "steps": 20,
+                "cfg_scale": 7,
+                "width": 512,
+                "height": 512,
+                "seed": -1,
+                "sampler_name": "DPM++ 2M",
+                "scheduler": "karras",
+                "batch_size": 1,
+            }
+        },
+    )
+
+    prompt: str = ""
+    negative_prompt: str | None = ""
+    styles: list[str] | None = None
+    seed: int = Field(default=-1, description="-1: random")
+    subseed: int = Field(default=-1, description="Ignored (noted in info)")
+    subseed_strength: float = Field(default=0.0, description="Ignored (noted in info)")
+    sampler_name: str | None = Field(default=None, description="GET /sdapi/v1/samplers; absent: the model's own")
+    sampler_index: str | None = Field(default=None, description="Old name of sampler_name")
+    scheduler: str | None = Field(default=None, description="automatic, uniform or karras")
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    eta: float | None = None
+    denoising_strength: float | None = None
+    override_settings: dict[str, Any] | None = Field(
+        default=None, description="sd_model_checkpoint and CLIP_stop_at_last_layers are honoured"
+    )
+    override_settings_restore_afterwards: bool = True
+    send_images: bool = True
+    save_images: bool = Field(default=False, description="Ignored: nothing is saved on the server")
+
+
+class Img2ImgBody(Txt2ImgBody):
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "example": {
+                "prompt": "a yellow circle",
+                "init_images": ["iVBORw0KGgo..."],
+                "mask": "iVBORw0KGgo...",
+                "denoising_strength": 0.75,
+                "mask_blur": 4,
+                "inpainting_mask_invert": 0,
+                "width": 512,
+                "height": 512,
+            }
+        },
+    )
+
+    init_images: list[str] | None = Field(default=None, description="base64 images; the first is used")
+    mask: str | None = Field(default=None, description="base64; white = repaint (unless inpainting_mask_invert)")
+    mask_blur: int = Field(default=4, ge=0, le=64)
+    inpainting_mask_invert: int = Field(default=0, ge=0, le=1)
+    denoising_strength: float | None = 0.75
+    resize_mode: int = 0
+    include_init_images: bool = False
+
+
+class ImagesOut(BaseModel):
+    images: list[str] = Field(description="base64 PNGs, each with its parameters inside")
+    parameters: dict[str, Any]
+    info: str = Field(description="JSON: all_seeds, all_prompts, infotexts, ...")
+
+
+class PngInfoBody(BaseModel):
+    image: str = Field(description="base64 PNG (data URL allowed)")
+
+
+class PngInfoOut(BaseModel):
+    info: str = Field(description="AUTOMATIC1111's parameters text ('' if none)")
+    items: dict[str, Any] = Field(description="The image's other text chunks")
+    parameters: dict[str, Any] = Field(description="The parameters text, parsed")
+    parameters_json: dict[str, Any] | None = Field(default=None, description="sdserver's structured parameters")
+
+
+def sampler_of(body: Txt2ImgBody) -> str | None:
+    """The core sampler name from sampler_name + scheduler."""
+    name = body.sampler_name or body.sampler_index
+    name = name.strip() if name and name.strip() else None
+    schedule = (body.scheduler or "automatic").strip().lower()
+    if schedule not in SCHEDULERS:
+        raise InvalidRequest(
+            f"scheduler: unknown scheduler, got {body.scheduler!r}; valid: {', '.join(SCHEDULERS)}", field="scheduler"
+        )
+    if schedule == "karras" and name is not None and not name.lower().endswith("karras"):
+        karras = f"{name} Karras"
+        if karras.lower() not in {sampler.lower() for sampler in SAMPLER_NAMES}:
+            raise InvalidRequest(f"scheduler: 'karras' is not available for sampler {name!r}", field="scheduler")
+        return karras
+    return name
+
+
+def _image(value: str, field: str) -> Image.Image:
+    try:
+        return decode_image(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"{field}: {exc}", field=field) from None
+
+
+def generation_request(
+    body: Txt2ImgBody, task: Task, model: str | None, clip_skip: Any, limits: Limits
+) -> GenerationRequest:
+    """`model` (a registry name) and `clip_skip` come from override_settings or the options."""
+    data: dict[str, Any] = {
+        "task": task,
+        "model": model,
+        "prompt": body.prompt,
+        "negative_prompt": body.negative_prompt or None,
+        "seed": None if body.seed < 0 else body.seed,
+        "num_images": body.batch_size * body.n_iter,
+        "steps": body.steps,
+        "guidance_scale": body.cfg_scale,
+        "sampler": sampler_of(body),
+        "clip_skip": None if clip_skip in (None, 1, "1") else clip_skip,
+        "width": body.width,
+        "height": body.height,
+    }
+    if body.eta is not None:
+        data["eta"] = body.eta
+    if isinstance(body, Img2ImgBody):
+        if not body.init_images:
+            raise InvalidRequest("init_images: at least one image is required", field="init_images")
+        size = (body.width, body.height)
+        init = _image(body.init_images[0], "init_images")
+        data["init_image"] = init if init.size == size else init.resize(size, Image.Resampling.LANCZOS)
+        if body.denoising_strength is not None:
+            data["strength"] = body.denoising_strength
+        if body.mask:
+            mask = _image(body.mask, "mask").convert("L").resize(size, Image.Resampling.LANCZOS)
+            if body.inpainting_mask_invert:
+                mask = ImageOps.invert(mask)
+            if body.mask_blur:
+                mask = mask.filter(ImageFilter.GaussianBlur(body.mask_blur))
+            data["mask_image"] = mask
+            data["task"] = Task.INPAINT
+    return validate_request(data, names=NAMES, limits=limits)
+
+
+def notes(body: Txt2ImgBody) -> list[str]:
+    found = []
+    if body.subseed != -1 or body.subseed_strength:
+        found.append("subseed and subseed_strength are not supported and were ignored")
+    if isinstance(body, Img2ImgBody) and body.init_images and len(body.init_images) > 1:
+        found.append("only the first of init_images was used")
+    return found
+
+
+def response(
+    body: Txt2ImgBody, generation: GenerationRequest, result: GenerationResult | None, model_hash: str | None
+) -> ImagesOut:
+    """A1111's response: images, the request echoed as `parameters`, and `info` (a JSON string)."""
+    outs = result.images if result is not None else []
+    params = [params_of(out.image) or {} for out in outs]
+    first = params[0] if params else {}
+    seeds = [out.seed for out in outs]
+    info: dict[str, Any] = {
+        "prompt": generation.prompt,
+        "all_prompts": [generation.prompt] * len(outs),
+        "negative_prompt": generation.negative_prompt or "",
+        "all_negative_prompts": [generation.negative_prompt or ""] * len(outs),
+        "seed": seeds[0] if seeds else generation.seed,
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * len(outs),
+        "subseed_strength": 0,
+        "width": first.get("width", generation.width),
+        "height": first.get("height", generation.height),
+        "sampler_name": first.get("sampler", generation.sampler),
+        "cfg_scale": generation.guidance_scale,
+        "steps": generation.steps,
+        "batch_size": body.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": result.model if result is not None else generation.model,
+        "sd_model_hash": (model_hash or "")[:10] or None,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": first.get("denoising_strength"),
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": [str(out.image.info.get(PARAMETERS_KEY, "")) for out in outs],
+        "styles": body.styles or [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": generation.clip_skip or 1,
+        "is_using_inpainting_conditioning": generation.task is Task.INPAINT,
+        "version": f"sdserver {__version__}",
+        "nsfw": [out.nsfw for out in outs],
+        "interrupted": result is None,
+        "notes": notes(body),
+    }
+    echoed = body.model_dump()
+    if isinstance(body, Img2ImgBody) and not body.include_init_images:
+        echoed.update(init_images=None, mask=None)
+    images = [png_base64(out.image) for out in outs] if body.send_images else []
+    return ImagesOut(images=images, parameters=echoed, info=json.dumps(info))
+
+
+def samplers() -> list[dict[str, Any]]:
+    aliases: dict[str, list[str]] = {name: [] for name in SAMPLER_NAMES}
+    for alias, name in SAMPLER_ALIASES.items():
+        aliases[name].append(alias)
+    return [{"name": name, "aliases": aliases[name], "options": {}} for name in SAMPLER_NAMES]
+
+
+def schedulers() -> list[dict[str, Any]]:
+    return [
+        {"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+        for name, label in SCHEDULERS.items()
+    ]
+
+
+def title(name: str, model_hash: str) -> str:
+    """A1111's checkpoint title: `name [hash10]`."""
+    return f"{name} [{model_hash[:10]}]"
+
+
+def resolve_checkpoint(value: Any, titles: dict[str, str]) -> str:
+    """A registry name from a checkpoint title, name or short hash (`titles`: name -> title)."""
+    text = str(value).strip()
+    for name, full in titles.items():
+        if text in (name, full) or text == full.rsplit(" [", 1)[-1].rstrip("]"):
+            return name
+    raise NotFound(
+        f"sd_model_checkpoint: no checkpoint {text!r}; available: {', '.join(titles.values())}",
+        field="sd_model_checkpoint",
+    )

@@ -1,0 +1,208 @@
+"""The OpenAI Images API's fields and shapes, and their mapping to the core types.
+
+OpenAI's own parameters are honoured where they mean something for Stable Diffusion (`prompt`, `n`,
+`size`, `response_format`, `output_format`, `output_compression`, `model`); the rest (`quality`,
+`style`, `background`, `moderation`, `user`) are accepted and ignored. Extensions: `negative_prompt`,
+`seed`, `steps`, `guidance_scale`, `sampler`, `clip_skip` (and `strength` for edits and variations).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+import warnings
+from typing import Any, Literal
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdserver.core.errors import InvalidRequest
+from sdserver.core.types import GenerationRequest, GenerationResult, Limits, Task, validate_request
+from sdserver.imaging import ALLOWED_FORMATS, MAX_DECODE_PIXELS, encode_image, to_rgb
+
+# OpenAI's model names, as clients send them by default: they mean "the server's default model".
+OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image", "chatgpt-image")
+NAMES = {"num_images": "n", "width": "size", "height": "size", "guidance_scale": "guidance_scale"}
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+VARIATION_PROMPT = "a high quality image"  # variations have no prompt; img2img needs one
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+Quality = Literal["auto", "standard", "hd", "low", "medium", "high"]
+ResponseFormat = Literal["b64_json", "url"]
+
+
+class Extensions(BaseModel):
+    """sdserver's extensions to OpenAI's request (all optional)."""
+
+    negative_prompt: str | None = Field(default=None, description="What to steer away from")
+    seed: int | None = Field(default=None, description="Image i uses seed + i; absent: random")
+    steps: int | None = Field(default=None, description="Denoising steps (default 50)")
+    guidance_scale: float | None = Field(default=None, description="Classifier-free guidance (default 7.5)")
+    sampler: str | None = Field(default=None, description="An AUTOMATIC1111 sampler name, e.g. 'DPM++ 2M Karras'")
+    clip_skip: int | None = Field(default=None, description="1 = last CLIP layer (no skip), 2 = penultimate...")
+
+
+class GenerationsBody(Extensions):
+    """`POST /v1/images/generations`."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "example": {"prompt": "a red circle on a blue background", "n": 1, "size": "512x512", "seed": 42}
+        },
+    )
+
+    prompt: str = Field(description="What to draw")
+    model: str | None = Field(
+        default=None, description="A model id from GET /v1/models; OpenAI's names mean the default"
+    )
+    n: int = Field(default=1, description="How many images")
+    size: str | None = Field(default=None, description="WIDTHxHEIGHT (multiples of 8) or 'auto' (the model's own)")
+    response_format: ResponseFormat | None = Field(default=None, description="b64_json (default) or url")
+    output_format: OutputFormat = Field(default="png", description="png (with the parameters inside), jpeg or webp")
+    output_compression: int | None = Field(default=None, ge=0, le=100, description="JPEG/WebP quality 0-100")
+    quality: Quality | None = Field(default=None, description="Accepted and ignored")
+    style: str | None = Field(default=None, description="Accepted and ignored")
+    background: str | None = Field(default=None, description="Accepted and ignored")
+    moderation: str | None = Field(default=None, description="Accepted and ignored")
+    user: str | None = Field(default=None, description="Accepted and ignored")
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    seed: int | None = Field(default=None, description="Extension: the seed that reproduces this image alone")
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: OutputFormat | None = None
+    size: str | None = None
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "sdserver"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
+
+
+def model_name(model: str | None) -> str | None:
+    """The registry name the client means (None: the default model)."""
+    if model is None or not model.strip() or model.strip().lower().startswith(OPENAI_MODEL_PREFIXES):
+        return None
+    return model.strip()
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size is None or size.strip().lower() in ("", "auto"):
+        return None, None
+    match = _SIZE.match(size)
+    if match is None:
+        raise InvalidRequest(f"size: must be WIDTHxHEIGHT (e.g. 512x512) or 'auto', got {size!r}", field="size")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _core_fields(ext: Extensions) -> dict[str, Any]:
+    return {key: getattr(ext, key) for key in Extensions.model_fields if getattr(ext, key) is not None}
+
+
+def generation_request(body: GenerationsBody, limits: Limits) -> GenerationRequest:
+    width, height = parse_size(body.size)
+    data = {
+        **_core_fields(body),
+        "task": Task.TXT2IMG,
+        "prompt": body.prompt,
+        "model": model_name(body.model),
+        "num_images": body.n,
+        "width": width,
+        "height": height,
+    }
+    if data.get("seed") == 0:
+        data["seed"] = None
+    return validate_request(data, names=NAMES, limits=limits)
+
+
+def open_upload(raw: bytes, field: str) -> Image.Image:
+    """An uploaded image as sent (alpha kept); bad data is a 400 naming `field`."""
+    if not raw:
+        raise InvalidRequest(f"{field}: empty file", field=field)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(raw), formats=ALLOWED_FORMATS)
+            if image.width * image.height > MAX_DECODE_PIXELS:
+                raise InvalidRequest(f"{field}: {image.width}x{image.height} is too large to decode", field=field)
+            image.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError, Warning):
+            raise InvalidRequest(f"{field}: not a PNG, JPEG or WebP image", field=field) from None
+    return image
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
+def repaint_mask(image: Image.Image) -> Image.Image:
+    """OpenAI's convention (transparent = repaint) as the core's (white = repaint)."""
+    alpha = image.convert("RGBA").getchannel("A")
+    return alpha.point(lambda value: 255 if value < 128 else 0)
+
+
+def edit_request(
+    *,
+    image: Image.Image,
+    mask: Image.Image | None,
+    prompt: str,
+    model: str | None,
+    n: int,
+    size: str | None,
+    ext: Extensions,
+    strength: float | None,
+    limits: Limits,
+) -> GenerationRequest:
+    """An edit: inpainting where the mask (or else the image itself) is transparent; without any
+    transparency, img2img of the whole picture."""
+    if mask is not None and not _has_alpha(mask):
+        raise InvalidRequest(
+            f"mask: must be a PNG with an alpha channel (its transparent pixels are repainted), got mode {mask.mode}",
+            field="mask",
+        )
+    repaint = repaint_mask(mask) if mask is not None else None
+    if repaint is None and _has_alpha(image) and repaint_mask(image).getbbox() is not None:
+        repaint = repaint_mask(image)  # DALL-E 2's rule: no mask, the image's own transparency
+    width, height = parse_size(size)
+    init = to_rgb(image)
+    if width and height:
+        init = init.resize((width, height), Image.Resampling.LANCZOS)
+    if repaint is not None:
+        repaint = repaint.resize(init.size, Image.Resampling.NEAREST)
+    data: dict[str, Any] = {
+        **_core_fields(ext),
+        "task": Task.IMG2IMG if repaint is None else Task.INPAINT,
+        "prompt": prompt,
+        "model": model_name(model),
+        "num_images": n,
+        "init_image": init,
+        "mask_image": repaint,
+        "strength": strength if strength is not None else (0.7 if repaint is None else 1.0),
+    }
+    if data.get("seed") == 0:
+        data["seed"] = None
+    return validate_request(data, names=NAMES, limits=limits)
+
+
+def image_bytes(result: GenerationResult, output_format: str, compression: int | None) -> list[bytes]:
+    return [encode_image(out.image, output_format, compression) for out in result.images]
+
+
+def created_now() -> int:
+    return int(time.time())

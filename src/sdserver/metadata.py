@@ -1,0 +1,171 @@
+"""Generation parameters carried inside images, and read back.
+
+Each PNG gets two text chunks: `parameters`, AUTOMATIC1111's "infotext" (prompt, then
+`Negative prompt: ...`, then `Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, ...`), which A1111,
+Civitai, ComfyUI and most image viewers read; and `parameters_json`, the same as structured JSON.
+
+The engine attaches them to each generated image's `info` (PIL's own place for PNG text chunks) and
+`imaging.encode_png` writes them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from sdserver import __version__
+from sdserver.core.types import GenerationRequest
+from sdserver.imaging import METADATA_KEYS as TEXT_KEYS
+
+PARAMETERS_KEY, JSON_KEY = TEXT_KEYS
+
+
+def parameters_for(
+    request: GenerationRequest,
+    *,
+    seed: int,
+    width: int,
+    height: int,
+    model: str,
+    model_hash: str | None,
+    sampler: str,
+) -> dict[str, Any]:
+    """The structured parameters of one generated image (the `parameters_json` chunk)."""
+    params: dict[str, Any] = {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt or "",
+        "steps": request.steps,
+        "sampler": sampler,
+        "cfg_scale": request.guidance_scale,
+        "seed": seed,
+        "width": width,
+        "height": height,
+        "model": model,
+        "model_hash": model_hash,
+        "task": request.task.value,
+        "eta": request.eta,
+        "clip_skip": request.clip_skip,
+        "denoising_strength": None if request.task.value == "txt2img" else request.strength,
+        "software": f"sdserver {__version__}",
+    }
+    return params
+
+
+def infotext(params: Mapping[str, Any]) -> str:
+    """AUTOMATIC1111's parameters text for `params` (as made by `parameters_for`)."""
+    fields: list[tuple[str, Any]] = [
+        ("Steps", params.get("steps")),
+        ("Sampler", params.get("sampler")),
+        ("CFG scale", _number(params.get("cfg_scale"))),
+        ("Seed", params.get("seed")),
+        ("Size", f"{params.get('width')}x{params.get('height')}"),
+        ("Model hash", (params.get("model_hash") or "")[:10] or None),
+        ("Model", params.get("model")),
+        ("Denoising strength", _number(params.get("denoising_strength"))),
+        ("Clip skip", params.get("clip_skip")),
+        ("Version", params.get("software")),
+    ]
+    last = ", ".join(f"{key}: {_quote(value)}" for key, value in fields if value is not None)
+    lines = [str(params.get("prompt", ""))]
+    if params.get("negative_prompt"):
+        lines.append(f"Negative prompt: {params['negative_prompt']}")
+    lines.append(last)
+    return "\n".join(lines)
+
+
+def text_chunks(params: Mapping[str, Any]) -> dict[str, str]:
+    return {PARAMETERS_KEY: infotext(params), JSON_KEY: json.dumps(dict(params), ensure_ascii=False)}
+
+
+def attach(image: Image.Image, params: Mapping[str, Any]) -> None:
+    """Store the text chunks in `image.info`, where `imaging.encode_png` finds them."""
+    image.info.update(text_chunks(params))
+
+
+def chunks_of(image: Image.Image) -> dict[str, str]:
+    """The metadata text chunks attached to (or read with) `image`."""
+    return {key: value for key in TEXT_KEYS if isinstance(value := image.info.get(key), str)}
+
+
+def params_of(image: Image.Image) -> dict[str, Any] | None:
+    """The structured parameters attached to (or read with) `image`, if any."""
+    text = image.info.get(JSON_KEY)
+    if not isinstance(text, str):
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_info(data: bytes) -> tuple[str | None, dict[str, Any] | None, dict[str, str]]:
+    """(infotext, structured parameters, every other text item) of an encoded image.
+
+    Raises ValueError with a client-facing reason if it is not an image.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError("not a PNG, JPEG or WebP image") from exc
+    text = image.info.get(PARAMETERS_KEY)
+    others = {str(key): value for key, value in image.info.items() if isinstance(value, str) and key not in TEXT_KEYS}
+    return (text if isinstance(text, str) else None), params_of(image), others
+
+
+_FIELD = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """A1111's infotext as a dict: `Prompt`, `Negative prompt`, and each `Key: value` of the last line.
+
+    Numbers become int/float; `Size: WxH` also gives `Size-1` and `Size-2` (as A1111 does).
+    """
+    lines = text.strip().split("\n")
+    last = lines[-1] if lines and _FIELD.findall(lines[-1]) and ": " in lines[-1] else ""
+    body = lines[:-1] if last else lines
+    prompt: list[str] = []
+    negative: list[str] = []
+    target = prompt
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            target = negative
+            line = line.removeprefix("Negative prompt:").strip()
+        target.append(line)
+    result: dict[str, Any] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, raw in _FIELD.findall(last):
+        value = raw.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = json.loads(value)
+        result[key] = _typed(value)
+        if key == "Size" and re.fullmatch(r"\d+x\d+", value):
+            width, height = value.split("x")
+            result["Size-1"], result["Size-2"] = int(width), int(height)
+    return result
+
+
+def _typed(value: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if any(char in text for char in ',:"\n'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
