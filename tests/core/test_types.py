@@ -128,9 +128,9 @@ def test_fields_the_names_mapping_does_not_mention_keep_their_own_name() -> None
 
 
 def test_an_unknown_field_is_rejected_by_name() -> None:
-    error = rejection({"prompt": PROMPT, "sampler": "euler"})
+    error = rejection({"prompt": PROMPT, "hires_fix": "euler"})  # (sampler became a real field in issue 5)
 
-    assert error.field == "sampler"
+    assert error.field == "hires_fix"
     assert "'euler'" in error.message
 
 
@@ -172,18 +172,20 @@ def test_positive_multiples_of_8_up_to_the_side_limit_are_accepted(field: str, v
 # --- strength, guidance, seed ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("strength", [0.01, 0.5, 1.0])
+@pytest.mark.parametrize("strength", [0.02, 0.5, 1.0])
 def test_img2img_accepts_strength_above_0_up_to_1(strength: float) -> None:
-    assert validate_request(img2img(strength=strength)).strength == strength
+    assert validate_request(img2img(strength=strength, steps=50)).strength == strength
 
 
 @pytest.mark.parametrize("make", [img2img, inpaint])
-def test_img2img_and_inpaint_reject_a_strength_of_0(make: Any) -> None:
-    error = rejection(make(strength=0))
+@pytest.mark.parametrize(("strength", "steps"), [(0, 50), (0.01, 50), (0.3, 3)])
+def test_img2img_and_inpaint_reject_a_strength_that_leaves_no_step(make: Any, strength: float, steps: int) -> None:
+    """img2img denoises int(steps * strength) steps: zero steps would return the input unchanged."""
+    error = rejection(make(strength=strength, steps=steps))
 
     assert error.field == "strength"
-    assert "above 0" in error.message
-    assert "got 0.0" in error.message
+    assert f"steps {steps} gives no denoising step" in error.message
+    assert f"got {float(strength)}" in error.message
 
 
 def test_txt2img_ignores_a_strength_of_0() -> None:
