@@ -46,6 +46,15 @@ def decode_image(value: str | bytes) -> Image.Image:
     Raises ValueError with a client-facing reason; callers attach the field name.
     """
     raw = b64decode(value) if isinstance(value, str) else value
+    return to_rgb(open_image(raw))
+
+
+def open_image(raw: bytes) -> Image.Image:
+    """Decode PNG/JPEG/WebP bytes, keeping the image's mode (alpha included).
+
+    The pixel count is checked from the header before any pixel is decoded, so a small file that
+    claims a huge size (a decompression bomb) costs nothing. Raises ValueError with a reason.
+    """
     if not raw:
         raise ValueError("empty image")
     with warnings.catch_warnings():
@@ -59,9 +68,11 @@ def decode_image(value: str | bytes) -> Image.Image:
             raise ValueError("not a PNG, JPEG or WebP image") from exc
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ValueError(f"image too large to decode ({exc})") from exc
-        except (OSError, SyntaxError) as exc:
+        except (OSError, SyntaxError, ValueError) as exc:  # truncated data, oversized metadata chunks...
+            if str(exc).startswith("image is "):
+                raise
             raise ValueError(f"could not decode image ({exc})") from exc
-    return to_rgb(image)
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -8,18 +8,16 @@ OpenAI's own parameters are honoured where they mean something for Stable Diffus
 
 from __future__ import annotations
 
-import io
 import re
 import time
-import warnings
 from typing import Any, Literal
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdserver.core.errors import InvalidRequest
 from sdserver.core.types import GenerationRequest, GenerationResult, Limits, Task, validate_request
-from sdserver.imaging import ALLOWED_FORMATS, MAX_DECODE_PIXELS, encode_image, to_rgb
+from sdserver.imaging import encode_image, open_image, to_rgb
 
 # OpenAI's model names, as clients send them by default: they mean "the server's default model".
 OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image", "chatgpt-image")
@@ -133,18 +131,10 @@ def generation_request(body: GenerationsBody, limits: Limits) -> GenerationReque
 
 def open_upload(raw: bytes, field: str) -> Image.Image:
     """An uploaded image as sent (alpha kept); bad data is a 400 naming `field`."""
-    if not raw:
-        raise InvalidRequest(f"{field}: empty file", field=field)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(raw), formats=ALLOWED_FORMATS)
-            if image.width * image.height > MAX_DECODE_PIXELS:
-                raise InvalidRequest(f"{field}: {image.width}x{image.height} is too large to decode", field=field)
-            image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError, Warning):
-            raise InvalidRequest(f"{field}: not a PNG, JPEG or WebP image", field=field) from None
-    return image
+    try:
+        return open_image(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"{field}: {exc}", field=field) from None
 
 
 def _has_alpha(image: Image.Image) -> bool:
