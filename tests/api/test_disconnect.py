@@ -6,6 +6,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
@@ -20,8 +21,8 @@ from tests.conftest import SIZE, GatedPipeline, wait_until
 
 
 class LiveServer:
-    def __init__(self, model: Path) -> None:
-        self.app = create_app(Settings(model=str(model)))
+    def __init__(self, model: Path, **settings: Any) -> None:
+        self.app = create_app(Settings(model=str(model), **settings))
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]

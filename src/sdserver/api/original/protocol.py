@@ -55,6 +55,42 @@ def to_generation_request(
     return validate_request({**data, "task": task, "model": model}, names=TO_ORIGINAL, limits=limits)
 
 
+def form_schema(task: Task) -> dict[str, Any]:
+    """The form fields of a route, for the OpenAPI document (values are checked in the core)."""
+    properties: dict[str, Any] = {
+        "prompt": {"type": "string", "description": "What to draw"},
+        "negative_prompt": {"type": "string"},
+        "seed": {"type": "integer", "default": 0, "description": "0: random; image i uses seed + i"},
+        "num_outputs": {"type": "integer", "default": 1},
+        "num_inference_steps": {"type": "integer", "default": 100},
+        "guidance_scale": {"type": "number", "default": 7.5},
+        "eta": {"type": "number", "default": 0.0},
+    }
+    if task in SIZED_TASKS:
+        properties["width"] = {"type": "integer", "default": 512, "description": "A multiple of 8"}
+        properties["height"] = {"type": "integer", "default": 512, "description": "A multiple of 8"}
+    else:
+        properties["init_image"] = {"type": "string", "description": "base64 PNG/JPEG/WebP (data URL allowed)"}
+        properties["strength"] = {"type": "number", "default": 0.7, "description": "0..1, higher changes more"}
+    if task is Task.INPAINT:
+        properties["mask_image"] = {"type": "string", "description": "base64 image: white = repaint, black = keep"}
+    required = ["prompt"] + (["init_image"] if task is not Task.TXT2IMG else [])
+    required += ["mask_image"] if task is Task.INPAINT else []
+    schema = {"type": "object", "properties": properties, "required": required}
+    example = {"prompt": "a red circle on a blue background", "seed": 42, "num_inference_steps": 20}
+    content = {"schema": schema, "example": example}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/x-www-form-urlencoded": content,
+                "application/json": content,
+                "multipart/form-data": {"schema": schema},
+            },
+        }
+    }
+
+
 def _given(name: str, value: Any) -> bool:
     """An empty form field counts as absent (the prompt excepted: an empty prompt is an error)."""
     return name == "prompt" or not (isinstance(value, str | bytes) and not value.strip())

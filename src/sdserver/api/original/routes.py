@@ -12,6 +12,7 @@ from sdserver.api.original.protocol import (
     CustomModelOut,
     FailureResponse,
     SuccessResponse,
+    form_schema,
     to_generation_request,
     to_response,
 )
@@ -51,25 +52,25 @@ def _custom(settings: Settings, url_path: str) -> str:
     return url_path
 
 
-@router.post("/txt2img", responses=_FAILURES)
+@router.post("/txt2img", responses=_FAILURES, openapi_extra=form_schema(Task.TXT2IMG))
 async def txt2img(request: Request, scheduler: SchedulerDep) -> SuccessResponse:
     """Text to image. Form fields: prompt, seed, num_outputs, width, height, num_inference_steps, guidance_scale."""
     return await _generate(request, scheduler, Task.TXT2IMG)
 
 
-@router.post("/img2img", responses=_FAILURES)
+@router.post("/img2img", responses=_FAILURES, openapi_extra=form_schema(Task.IMG2IMG))
 async def img2img(request: Request, scheduler: SchedulerDep) -> SuccessResponse:
     """Image to image: init_image (base64) and strength (0..1, higher changes more)."""
     return await _generate(request, scheduler, Task.IMG2IMG)
 
 
-@router.post("/masking", responses=_FAILURES)
+@router.post("/masking", responses=_FAILURES, openapi_extra=form_schema(Task.INPAINT))
 async def masking(request: Request, scheduler: SchedulerDep) -> SuccessResponse:
     """Inpainting: init_image and mask_image (white = repaint, black = keep)."""
     return await _generate(request, scheduler, Task.INPAINT)
 
 
-@router.post("/custom/{url_path}", responses=_FAILURES)
+@router.post("/custom/{url_path}", responses=_FAILURES, openapi_extra=form_schema(Task.TXT2IMG))
 async def custom_txt2img(
     url_path: str, request: Request, scheduler: SchedulerDep, settings: SettingsDep
 ) -> SuccessResponse:
@@ -77,14 +78,14 @@ async def custom_txt2img(
     return await _generate(request, scheduler, Task.TXT2IMG, _custom(settings, url_path))
 
 
-@router.post("/custom/{url_path}/img2img", responses=_FAILURES)
+@router.post("/custom/{url_path}/img2img", responses=_FAILURES, openapi_extra=form_schema(Task.IMG2IMG))
 async def custom_img2img(
     url_path: str, request: Request, scheduler: SchedulerDep, settings: SettingsDep
 ) -> SuccessResponse:
     return await _generate(request, scheduler, Task.IMG2IMG, _custom(settings, url_path))
 
 
-@router.post("/custom/{url_path}/masking", responses=_FAILURES)
+@router.post("/custom/{url_path}/masking", responses=_FAILURES, openapi_extra=form_schema(Task.INPAINT))
 async def custom_masking(
     url_path: str, request: Request, scheduler: SchedulerDep, settings: SettingsDep
 ) -> SuccessResponse:
