@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,11 +13,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from sdserver.api.app import create_app
 from sdserver.engine.tiny import make_tiny_model
+from sdserver.service.scheduler import Scheduler
 from sdserver.settings import Settings
 
 SIZE = 64  # 8x8 latents with the tiny model's 8x VAE
@@ -147,3 +150,38 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+class LiveServer:
+    """The real app on a real socket, served by uvicorn in a thread (for clients that bring their own
+    HTTP stack, and for tests of connections). `start()` returns once it accepts connections."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.app = create_app(Settings(**settings))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        scheduler: Scheduler = self.app.state.scheduler
+        return scheduler
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        wait_until(lambda: self.server.started, timeout=120)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture
+def live(tiny_model: Path) -> Iterator[LiveServer]:
+    server = LiveServer(model=str(tiny_model)).start()
+    yield server
+    server.stop()

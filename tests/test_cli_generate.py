@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from sdserver.cli import app
 from sdserver.metadata import parse_infotext
-from tests.api.test_disconnect import LiveServer
-from tests.conftest import SIZE, STEPS, wait_until
+from tests.conftest import SIZE, STEPS, LiveServer
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def live(tiny_model: Path) -> Iterator[LiveServer]:
-    server = LiveServer(tiny_model)
-    server.thread.start()
-    wait_until(lambda: server.server.started)
-    yield server
-    server.server.should_exit = True
-    server.thread.join(30)
 
 
 def test_in_process_png_with_parameters(tiny_model: Path, tmp_path: Path) -> None:
@@ -42,7 +29,7 @@ def test_in_process_png_with_parameters(tiny_model: Path, tmp_path: Path) -> Non
 
 def test_against_a_server_as_webp(live: LiveServer, tmp_path: Path) -> None:
     out = tmp_path / "out.webp"
-    url = f"http://127.0.0.1:{live.port}"
+    url = live.url
     args = ["generate", "a red circle", "-o", str(out), "--url", url, "--steps", str(STEPS), "--seed", "8"]
     result = runner.invoke(app, [*args, "--size", f"{SIZE}x{SIZE}", "--quality", "70"])
     assert result.exit_code == 0, result.output
@@ -52,7 +39,7 @@ def test_against_a_server_as_webp(live: LiveServer, tmp_path: Path) -> None:
 
 
 def test_server_side_errors_are_reported(live: LiveServer, tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{live.port}"
+    url = live.url
     result = runner.invoke(app, ["generate", "x", "-o", str(tmp_path / "o.png"), "--url", url, "--sampler", "nope"])
     assert result.exit_code == 2
     assert "sampler" in result.output and "'nope'" in result.output

@@ -3,38 +3,18 @@
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-import uvicorn
 
-from sdserver.api.app import create_app
 from sdserver.core.types import GenerationRequest
 from sdserver.service.jobs import Job, JobStatus
-from sdserver.service.scheduler import Scheduler
-from sdserver.settings import Settings
-from tests.conftest import SIZE, GatedPipeline, wait_until
+from tests.conftest import SIZE, GatedPipeline, LiveServer, wait_until
 
 
-class LiveServer:
-    def __init__(self, model: Path, **settings: Any) -> None:
-        self.app = create_app(Settings(model=str(model), **settings))
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def scheduler(self) -> Scheduler:
-        scheduler: Scheduler = self.app.state.scheduler
-        return scheduler
-
+class HangingUpServer(LiveServer):
     def job(self, prompt: str) -> Job | None:
         return next((job for job in self.scheduler.jobs.all() if job.request.prompt == prompt), None)
 
@@ -54,16 +34,13 @@ class LiveServer:
 
 
 @pytest.fixture
-def live(tiny_model: Path) -> Iterator[LiveServer]:
-    server = LiveServer(tiny_model)
-    server.thread.start()
-    wait_until(lambda: server.server.started)
+def live(tiny_model: Path) -> Iterator[HangingUpServer]:
+    server = HangingUpServer(model=str(tiny_model)).start()
     yield server
-    server.server.should_exit = True
-    server.thread.join(30)
+    server.stop()
 
 
-def test_hanging_up_while_queued_removes_the_request(live: LiveServer) -> None:
+def test_hanging_up_while_queued_removes_the_request(live: HangingUpServer) -> None:
     pipelines = live.app.state.engine.registry.get(None)
     spy = GatedPipeline(pipelines.txt2img)
     pipelines.txt2img = spy
@@ -80,7 +57,7 @@ def test_hanging_up_while_queued_removes_the_request(live: LiveServer) -> None:
     assert all("abandoned" not in call for call in spy.calls)
 
 
-def test_hanging_up_while_running_stops_the_pipeline(live: LiveServer) -> None:
+def test_hanging_up_while_running_stops_the_pipeline(live: HangingUpServer) -> None:
     fields = {"prompt": "long", "width": SIZE, "height": SIZE, "num_inference_steps": 150}
     job = live.post_and_hang_up("/txt2img", fields, until=lambda job: job.progress is not None)
     wait_until(lambda: job.done)

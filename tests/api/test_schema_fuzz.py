@@ -18,8 +18,7 @@ from schemathesis.checks import content_type_conformance, not_a_server_error, re
 from sdserver.api.app import create_app
 from sdserver.core.types import Limits
 from sdserver.settings import Settings
-from tests.api.test_disconnect import LiveServer
-from tests.conftest import wait_until
+from tests.conftest import LiveServer
 
 EXAMPLES = 12
 CALLS: list[int] = []
@@ -28,17 +27,15 @@ CALLS: list[int] = []
 @pytest.fixture(scope="module")
 def live_url(tiny_model: Path) -> Iterator[str]:
     server = LiveServer(
-        tiny_model,
+        model=str(tiny_model),
         limits=Limits(max_images=2, max_steps=2, max_side=64, max_pixels=64 * 64, max_prompt_chars=200),
         max_queue=4,
         queue_timeout=20,
     )
-    server.thread.start()
-    wait_until(lambda: server.server.started)
-    yield f"http://127.0.0.1:{server.port}"
+    server.start()
+    yield server.url
     print(f"schemathesis: {len(CALLS)} requests, statuses {dict(sorted(collections.Counter(CALLS).items()))}")
-    server.server.should_exit = True
-    server.thread.join(30)
+    server.stop()
 
 
 # The document only (no model is loaded to build it); the calls go to the live server.

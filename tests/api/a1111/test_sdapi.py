@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,33 +14,19 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 import webuiapi
 from PIL import Image
 
-from sdserver.api.app import create_app
-from sdserver.settings import Settings
-from tests.conftest import SIZE, STEPS, GatedPipeline, half_mask, pixels, scene, wait_until
+from tests.conftest import SIZE, STEPS, GatedPipeline, LiveServer, half_mask, pixels, scene, wait_until
 
 FAST: dict[str, Any] = {"steps": STEPS, "width": SIZE, "height": SIZE}
 
 
-class Live:
+class Live(LiveServer):
     def __init__(self, **settings: Any) -> None:
-        self.app = create_app(Settings(**settings))
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        wait_until(lambda: self.server.started, timeout=120)
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(**settings)
+        self.start()
         self.api = webuiapi.WebUIApi(host="127.0.0.1", port=self.port)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

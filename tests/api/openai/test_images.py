@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,35 +14,21 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from PIL import Image
 
-from sdserver.api.app import create_app
 from sdserver.metadata import params_of, parse_infotext
-from sdserver.settings import Settings
-from tests.conftest import SIZE, STEPS, half_mask, max_pixel_diff, pixels, scene, wait_until
+from tests.conftest import SIZE, STEPS, LiveServer, half_mask, max_pixel_diff, pixels, scene
 
 FAST = {"steps": STEPS}
 
 
-class Live:
+class Live(LiveServer):
     """The real app on a real socket (the openai package brings its own HTTP client)."""
 
     def __init__(self, **settings: Any) -> None:
-        self.app = create_app(Settings(**settings))
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        wait_until(lambda: self.server.started, timeout=120)
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(**settings)
+        self.start()
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture
