@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import threading
 from collections.abc import Sequence
 
-import torch
 from PIL import Image
 
 from sdserver import metadata
@@ -27,8 +24,6 @@ class Engine:
     def __init__(self, registry: Registry, *, fall_back_to_demo: bool = False) -> None:
         self.registry = registry
         self._fall_back_to_demo = fall_back_to_demo
-        self._hashes: dict[str, str] = {}
-        self._hash_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:
@@ -94,12 +89,8 @@ class Engine:
             raise GenerationError(f"generation failed: {type(exc).__name__}: {exc}") from exc
 
     def model_hash(self, name: str | None) -> str:
-        """sha256 (hex) of the model's UNet weights as loaded; computed once per model."""
-        spec = self.registry.spec(name)
-        with self._hash_lock:
-            if spec.name not in self._hashes:
-                self._hashes[spec.name] = _weights_hash(self.registry.get(spec.name).txt2img.unet)
-            return self._hashes[spec.name]
+        """sha256 (hex) of the model's UNet weights, computed when it was loaded (not per request)."""
+        return self.registry.get(name).weights_hash
 
     def _describe(
         self, model: LoadedPipelines, requests: Sequence[GenerationRequest], outputs: list[list[GeneratedImage]]
@@ -119,14 +110,6 @@ class Engine:
                     sampler=sampler,
                 )
                 metadata.attach(out.image, params)
-
-
-def _weights_hash(module: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _fit_to_multiple(image: Image.Image, multiple: int) -> Image.Image:

@@ -6,6 +6,7 @@ weights in memory.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -38,6 +39,7 @@ class LoadedPipelines:
     inpaint: Any
     inpainting_unet: bool  # a dedicated 9-channel inpainting model serves every task through `inpaint`
     native_size: int
+    weights_hash: str  # sha256 of the UNet weights: the "model hash" in image metadata
 
     @property
     def safety_checker(self) -> Any:
@@ -94,7 +96,16 @@ def load_pipelines(
         inpaint=inpaint,
         inpainting_unet=txt2img.unet.config.in_channels == 9,
         native_size=int(txt2img.unet.config.sample_size) * int(txt2img.vae_scale_factor),
+        weights_hash=weights_hash(txt2img.unet),
     )
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _load_failure(source: str, from_hub: bool, exc: Exception) -> str:
