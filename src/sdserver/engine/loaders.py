@@ -114,6 +114,6 @@ def _load_failure(source: str, from_hub: bool, exc: Exception) -> str:
         return (
             f"could not load {source!r} from the Hugging Face hub ({reason}). Check the id, your network, "
             "and for gated models set hf_token in config.json or HF_TOKEN; offline, download it first "
-            f"with `huggingface-cli download {source}`"
+            f"with `hf download {source}`"
         )
     return f"could not load model {source!r} ({reason})"
