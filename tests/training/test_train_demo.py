@@ -1,0 +1,139 @@
+"""training/train_demo.py end to end, with tiny step counts (seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "training" / "train_demo.py"
+
+
+def _load_module():
+    spec = importlib.util.spec_from_file_location("train_demo", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("train_demo", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def td():
+    return _load_module()
+
+
+TINY = [
+    "--vae-steps",
+    "100",
+    "--vae-batch",
+    "8",
+    "--vae-lr",
+    "1e-2",
+    "--vae-channels",
+    "16,16,32,32",
+    "--cache-size",
+    "256",
+    "--unet-steps",
+    "40",
+    "--unet-batch",
+    "16",
+    "--unet-lr",
+    "2e-3",
+    "--unet-channels",
+    "32,64",
+    "--text-hidden",
+    "32",
+    "--text-layers",
+    "1",
+    "--threads",
+    "1",
+    "--quiet",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(td, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "model"
+    summary = td.run(td.parse_args(["--out", str(out), "--seed", "3", *TINY]))
+    return out, summary
+
+
+def test_dataset_and_tokenizer(td, tmp_path):
+    b = td.make_batch(64, torch.Generator().manual_seed(0))
+    assert b.images.shape == (64, 3, 64, 64)
+    assert float(b.images.min()) >= -1 and float(b.images.max()) <= 1
+    assert bool((b.fg != b.bg).all())
+    assert b.captions[0] == td.caption(int(b.fg[0]), int(b.shape[0]), int(b.bg[0]))
+    # same seed, same data
+    b2 = td.make_batch(64, torch.Generator().manual_seed(0))
+    assert torch.equal(b.images, b2.images) and b.captions == b2.captions
+    td.write_tokenizer_files(tmp_path)
+    tok = td.load_tokenizer(tmp_path)
+    td.check_tokenizer(tok)  # every word is one token
+    ids = tok("a green triangle on a yellow background").input_ids
+    assert tok.convert_ids_to_tokens(ids)[1:-1] == [
+        "a</w>",
+        "green</w>",
+        "triangle</w>",
+        "on</w>",
+        "a</w>",
+        "yellow</w>",
+        "background</w>",
+    ]
+
+
+def test_losses_go_down(tiny_run):
+    _, s = tiny_run
+    vae, unet = s["vae_losses"], s["unet_losses"]
+    assert len(vae) == 100 and len(unet) == 40
+    assert np.mean(vae[-10:]) < 0.7 * np.mean(vae[:10]), (vae[:10], vae[-10:])
+    assert np.mean(unet[-10:]) < 0.8 * np.mean(unet[:10]), (unet[:10], unet[-10:])
+    assert 0.05 < s["scaling_factor"] < 50
+
+
+def test_output_folder_loads_and_generates(tiny_run):
+    from diffusers import StableDiffusionPipeline
+
+    out, s = tiny_run
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["requires_safety_checker"] is True
+    assert (out / "tokenizer" / "merges.txt").is_file()
+    vae_cfg = json.loads((out / "vae" / "config.json").read_text())
+    assert vae_cfg["scaling_factor"] == pytest.approx(s["scaling_factor"])
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.dtype == torch.float32
+    res = pipe(
+        "a red circle on a blue background",
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
+    assert res.images.shape == (1, 64, 64, 3)
+    assert np.isfinite(res.images).all()
+    assert res.nsfw_content_detected == [False]
+
+
+def test_reproducible_from_seed(td, tiny_run, tmp_path):
+    """The same seed gives the same losses and weights (same thread count)."""
+    _, s1 = tiny_run
+    s2 = td.run(td.parse_args(["--out", str(tmp_path / "again"), "--seed", "3", *TINY]))
+    assert s1["vae_losses"] == s2["vae_losses"]
+    assert s1["unet_losses"] == s2["unet_losses"]
+    a = (tiny_run[0] / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    b = (tmp_path / "again" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert a == b
+
+
+def test_cli_help():
+    r = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    for opt in ("--seed", "--out", "--threads", "--vae-steps", "--unet-steps", "--unet-minutes"):
+        assert opt in r.stdout
