@@ -12,7 +12,7 @@ python -m pip install -q --upgrade pip
 python -m pip install -q "$TORCH_SPEC"
 python -m pip install -q -e '.[test]'
 
-ruff check src tests bench
-ruff format --check src tests bench
+ruff check src tests bench training
+ruff format --check src tests bench training
 mypy
 python -m pytest "$@"
