@@ -192,7 +192,7 @@ def test_txt2img_ignores_a_strength_of_0() -> None:
     assert validate_request({"prompt": PROMPT, "strength": 0}).strength == 0.0
 
 
-@pytest.mark.parametrize("guidance", [0.0, 1.0, 7.5, 100.0])
+@pytest.mark.parametrize("guidance", [0.0, 1.0, 7.5, 30.0])  # 30: the default max_guidance
 def test_finite_guidance_in_range_is_accepted(guidance: float) -> None:
     assert validate_request({"prompt": PROMPT, "guidance_scale": guidance}).guidance_scale == guidance
 
@@ -472,3 +472,12 @@ def test_the_request_class_can_be_built_directly() -> None:
     request = GenerationRequest(prompt=PROMPT, num_images=2, seed=7)
 
     assert request.seeds == [7, 8]
+
+
+def test_max_guidance_caps_guidance_scale() -> None:
+    limits = Limits(max_guidance=10)
+
+    assert validate_request({"prompt": PROMPT, "guidance_scale": 10}, limits=limits).guidance_scale == 10
+    error = rejection({"prompt": PROMPT, "guidance_scale": 12.5}, limits=limits)
+    assert error.field == "guidance_scale"
+    assert "over the limit of 10" in error.message and "12.5" in error.message

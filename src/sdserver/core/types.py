@@ -83,6 +83,7 @@ class Limits(BaseModel):
     max_side: int = Field(default=2048, ge=8)
     max_pixels: int = Field(default=2048 * 2048, ge=64)
     max_prompt_chars: int = Field(default=4000, ge=1)
+    max_guidance: float = Field(default=30.0, ge=0)
 
 
 class GenerationRequest(BaseModel):
@@ -129,6 +130,7 @@ class GenerationRequest(BaseModel):
         for name, value, limit in (
             ("num_images", self.num_images, limits.max_images),
             ("steps", self.steps, limits.max_steps),
+            ("guidance_scale", self.guidance_scale, limits.max_guidance),
         ):
             if value > limit:
                 raise _field_error(name, value, f"is over the limit of {limit}")
