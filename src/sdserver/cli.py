@@ -68,15 +68,17 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Load the models and serve the API."""
+    _configure_logging(log_level)  # first: it quiets the libraries imported below
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     from sdserver.api.app import begin_shutdown, create_app
     from sdserver.api.security import warn_if_exposed
     from sdserver.engine import Engine
     from sdserver.settings import load_settings
 
-    _configure_logging(log_level)
-    from diffusers.utils import logging as diffusers_logging
-
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     log = logging.getLogger("sdserver")
     try:
         settings = load_settings(
@@ -121,6 +123,7 @@ def serve(
             port=settings.port,
             log_level=log_level.lower(),
             log_config=None,
+            access_log=False,  # our RequestLog writes the structured line
             timeout_graceful_shutdown=int(settings.drain_timeout) + 5,
         ),
         on_exit_signal=lambda: begin_shutdown(app),
