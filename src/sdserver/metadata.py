@@ -87,11 +87,6 @@ def attach(image: Image.Image, params: Mapping[str, Any]) -> None:
     image.info.update(text_chunks(params))
 
 
-def chunks_of(image: Image.Image) -> dict[str, str]:
-    """The metadata text chunks attached to (or read with) `image`."""
-    return {key: value for key in TEXT_KEYS if isinstance(value := image.info.get(key), str)}
-
-
 def params_of(image: Image.Image) -> dict[str, Any] | None:
     """The structured parameters attached to (or read with) `image`, if any."""
     text = image.info.get(JSON_KEY)

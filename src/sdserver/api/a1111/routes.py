@@ -36,7 +36,6 @@ from sdserver.service.jobs import JobStatus
 
 sdapi = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"])
 router = APIRouter()  # sdapi's routes and /png-info (included at the end of this module)
-DEFAULT_PREVIEW_EVERY = 5
 
 
 def render_error(error: SDServerError, status: int) -> Response:
