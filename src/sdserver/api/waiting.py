@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from sdserver.api.middleware import note
 from sdserver.core.errors import Cancelled
@@ -17,7 +18,8 @@ DISCONNECT_POLL_S = 0.25
 async def generate(request: Request, scheduler: Scheduler, generation: GenerationRequest) -> GenerationResult:
     """Queue `generation` and wait for it; if the client hangs up meanwhile, cancel the job
     (out of the queue, or stopped at its next denoising step)."""
-    job = scheduler.submit(generation)
+    # submit prepares the request (resizes its images): off the event loop
+    job = await run_in_threadpool(scheduler.submit, generation)
     r = job.request
     note(model=r.model, task=r.task.value, size=f"{r.width}x{r.height}", steps=r.steps, images=r.num_images)
     waiter = asyncio.ensure_future(job.wait_async())

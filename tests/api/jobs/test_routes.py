@@ -42,7 +42,8 @@ def events(client: TestClient, job_id: str) -> list[tuple[str, dict[str, Any]]]:
 
 def test_submit_then_poll_to_the_result(client: TestClient) -> None:
     created = submit(client, seed=40, num_images=2)
-    assert set(created) == {"id", "status", "queue_position"} and created["status"] == "queued"
+    assert set(created) == {"id", "status", "queue_position"}
+    assert created["status"] in ("queued", "running")  # the idle worker may take it at once
     job = finished(client, created["id"])
     assert job["status"] == "succeeded" and job["task"] == "txt2img"
     assert [image["seed"] for image in job["images"]] == [40, 41]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
@@ -51,7 +52,9 @@ async def submit_job(
     generation, options = await run_in_threadpool(parse_submission, body, settings.limits)
     if options.webhook_url is not None and not settings.allow_webhooks:
         raise InvalidRequest("webhook_url: webhooks are disabled on this server (--allow-webhooks)")
-    job = scheduler.submit(generation, idempotency_key=idempotency_key, preview_every=options.preview_every)
+    job = await run_in_threadpool(
+        partial(scheduler.submit, generation, idempotency_key=idempotency_key, preview_every=options.preview_every)
+    )
     if options.webhook_url is not None:
         _send_when_done(job, scheduler, str(options.webhook_url), settings.webhook_attempts)
     return JobCreated(id=job.id, status=job.status.value, queue_position=scheduler.queue_position(job))
