@@ -68,6 +68,7 @@ class Scheduler:
         self._on_worker_death = on_worker_death
         self._expect_company = False  # did the last batch have more than one job?
         self._wakeup = threading.Condition()
+        self._idempotency = threading.Lock()
         self._accepting = True
         self._stopping = False
         self._running: list[Job] = []
@@ -130,8 +131,13 @@ class Scheduler:
 
         A repeated `idempotency_key` returns the job it first created instead of queueing another.
         """
-        if idempotency_key and (existing := self.jobs.by_idempotency_key(idempotency_key)) is not None:
-            return existing
+        if not idempotency_key:
+            return self._submit(request, None, preview_every)
+        with self._idempotency:  # two racing retries must not both create a job
+            existing = self.jobs.by_idempotency_key(idempotency_key)
+            return existing or self._submit(request, idempotency_key, preview_every)
+
+    def _submit(self, request: GenerationRequest, idempotency_key: str | None, preview_every: int) -> Job:
         prepared = self.engine.prepare(request).with_seed()
         deadline = None if self.queue_timeout_s is None else time.monotonic() + self.queue_timeout_s
         job = Job(request=prepared, deadline=deadline, preview_every=preview_every)
