@@ -37,6 +37,12 @@ def serve(
         Path | None, typer.Option(help="config.json in the original format (default ./config.json)")
     ] = None,
     model: Annotated[str | None, typer.Option(help="Base model: hub id, diffusers folder, or 'demo'")] = None,
+    models_dir: Annotated[
+        Path | None, typer.Option(help="Folder whose diffusers sub-folders are models, named by folder")
+    ] = None,
+    max_loaded_models: Annotated[
+        int | None, typer.Option(help="Models kept loaded at most; least recently used unloads (default 3)")
+    ] = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 1337)")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cuda, cuda:N, mps or cpu (default auto)")] = None,
@@ -84,6 +90,8 @@ def serve(
         settings = load_settings(
             config,
             model=model,
+            models_dir=str(models_dir) if models_dir is not None else None,
+            max_loaded_models=max_loaded_models,
             host=host,
             port=port,
             device=device,

@@ -60,7 +60,7 @@ class CustomModel(BaseModel):
     @field_validator("url_path")
     @classmethod
     def _url_safe(cls, value: str) -> str:
-        if not _URL_PATH.match(value) or value in (".", ".."):
+        if not is_url_safe(value):
             raise ValueError(f"url_path {value!r} must use only letters, digits, '.', '_', '~' and '-'")
         return value
 
@@ -69,6 +69,11 @@ class CustomModel(BaseModel):
         if not is_hub_id(self.model_path) and not Path(self.model_path).expanduser().is_dir():
             raise ValueError(f"model_path {self.model_path!r} of {self.url_path!r} is not a folder")
         return self
+
+
+def is_url_safe(name: str) -> bool:
+    """A model name usable as one URL path segment as it is."""
+    return bool(_URL_PATH.match(name)) and name not in (".", "..")
 
 
 def is_hub_id(source: str) -> bool:
@@ -84,6 +89,8 @@ class Settings(BaseSettings):
     model: str | None = None  # hub id, local diffusers folder, or "demo"; None: the default (see resolve)
     hf_token: str | None = Field(default=None, validation_alias=AliasChoices("hf_token", "HF_TOKEN"))
     custom_models: list[CustomModel] = Field(default_factory=list)
+    models_dir: str | None = None  # every diffusers folder in it is a model, named by its folder
+    max_loaded_models: int = Field(default=3, ge=1)  # the least recently used is unloaded past this
     host: str = "127.0.0.1"
     port: int = Field(default=1337, ge=0, le=65535)
     device: str = "auto"  # auto: cuda, then mps, then cpu

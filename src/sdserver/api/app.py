@@ -12,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
 from sdserver import __version__
-from sdserver.api import a1111, errors, openai, ops
+from sdserver.api import a1111, errors, models, openai, ops
 from sdserver.api.jobs import router as jobs_router
 from sdserver.api.middleware import BodySizeLimit, RequestLog
 from sdserver.api.original import router as original_router
@@ -82,7 +82,7 @@ def create_app(
     app.state.engine = engine or Engine.from_settings(settings)
     app.state.metrics = metrics
     errors.install(app)
-    for router in (ops.router, original_router, jobs_router, openai.router, a1111.router):
+    for router in (ops.router, models.router, original_router, jobs_router, openai.router, a1111.router):
         app.include_router(router)
     errors.register_renderer("/v1/", errors.render_v1)
     errors.register_renderer("/sdapi/", a1111.render_error)

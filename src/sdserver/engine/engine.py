@@ -33,18 +33,24 @@ class Engine:
             device=device,
             dtype=pick_dtype(settings.dtype, device),
             token=settings.hf_token,
+            max_loaded=settings.max_loaded_models,
+            models_dir=settings.models_dir,
         )
         return cls(registry, fall_back_to_demo=not settings.model_explicit)
 
     def load(self) -> None:
-        """Load every configured model (slow: call before serving)."""
-        self.registry.load_all(fall_back_to_demo=self._fall_back_to_demo)
+        """Load the base model (slow: call before serving); the others load on first use."""
+        self.registry.preload(fall_back_to_demo=self._fall_back_to_demo)
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Numbers for the metrics endpoint."""
         registry = self.registry
         return {
-            "models": {"loaded": len(registry.loaded_names()), "loads": registry.load_count},
+            "models": {
+                "loaded": len(registry.loaded_names()),
+                "loads": registry.load_count,
+                "unloads": registry.unload_count,
+            },
             "device_memory_bytes": device_memory(registry.device),
         }
 
@@ -72,11 +78,11 @@ class Engine:
 
     def run(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[GeneratedImage]]:
         """Run prepared, compatible requests as one pipeline call."""
-        model = self.registry.get(requests[0].model)
         try:
-            outputs = run_batch(model, requests, on_step)
-            self._describe(model, requests, outputs)
-            return outputs
+            with self.registry.use(requests[0].model) as model:  # not unloaded while the batch runs
+                outputs = run_batch(model, requests, on_step)
+                self._describe(model, requests, outputs)
+                return outputs
         except SDServerError:
             raise  # e.g. Cancelled raised by on_step
         except Exception as exc:
@@ -88,9 +94,10 @@ class Engine:
             log.exception("generation failed")
             raise GenerationError(f"generation failed: {type(exc).__name__}: {exc}") from exc
 
-    def model_hash(self, name: str | None) -> str:
-        """sha256 (hex) of the model's UNet weights, computed when it was loaded (not per request)."""
-        return self.registry.get(name).weights_hash
+    def model_hash(self, name: str | None) -> str | None:
+        """sha256 (hex) of the model's UNet weights, computed when it was first loaded (not per request);
+        None for a model never loaded: asking never loads one."""
+        return self.registry.weights_hash(name)
 
     def _describe(
         self, model: LoadedPipelines, requests: Sequence[GenerationRequest], outputs: list[list[GeneratedImage]]

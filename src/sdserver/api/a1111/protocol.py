@@ -268,16 +268,18 @@ def schedulers() -> list[dict[str, Any]]:
     ]
 
 
-def title(name: str, model_hash: str) -> str:
-    """A1111's checkpoint title: `name [hash10]`."""
-    return f"{name} [{model_hash[:10]}]"
+def title(name: str, model_hash: str | None) -> str:
+    """A1111's checkpoint title: `name [hash10]`, or just `name` until the model has been loaded
+    (A1111 also lists checkpoints without a hash until it has computed one)."""
+    return f"{name} [{model_hash[:10]}]" if model_hash else name
 
 
 def resolve_checkpoint(value: Any, titles: dict[str, str]) -> str:
     """A registry name from a checkpoint title, name or short hash (`titles`: name -> title)."""
     text = str(value).strip()
+    bare = text.rsplit(" [", 1)[0] if text.endswith("]") else text  # a title seen before, hash or not
     for name, full in titles.items():
-        if text in (name, full) or text == full.rsplit(" [", 1)[-1].rstrip("]"):
+        if name in (text, bare) or text == full or (full != name and text == full.rsplit(" [", 1)[-1].rstrip("]")):
             return name
     raise NotFound(
         f"sd_model_checkpoint: no checkpoint {text!r}; available: {', '.join(titles.values())}",

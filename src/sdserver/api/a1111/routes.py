@@ -187,7 +187,7 @@ async def sd_models(engine: EngineDep) -> list[dict[str, Any]]:
             {
                 "title": titles[spec.name],
                 "model_name": spec.name,
-                "hash": full[:10],
+                "hash": full[:10] if full else None,
                 "sha256": full,
                 "filename": spec.source,
                 "config": None,
@@ -243,6 +243,7 @@ async def set_options(
     if "sd_model_checkpoint" in updates:
         titles = await run_in_threadpool(_titles, engine)
         model = resolve_checkpoint(updates.pop("sd_model_checkpoint"), titles)
+        await run_in_threadpool(engine.registry.get, model)  # as in A1111, switching loads the checkpoint
     else:
         model = options.model
     clip = updates.get("CLIP_stop_at_last_layers", 1)
