@@ -195,15 +195,10 @@ class Registry:
     def info(self, name: str | None) -> ModelInfo:
         spec = self.spec(name)
         with self._lock:
-            loaded = self._loaded.get(spec.name)
-            known = self._kinds.get(spec.name)
-        if loaded is not None:
-            kind, inpainting = kind_of(dict(loaded.txt2img.unet.config))
-        elif known is not None:
-            kind, inpainting = known
-        else:
-            kind, inpainting = _kind_on_disk(spec.source)
-        return ModelInfo(spec.name, spec.label, spec.origin, kind, inpainting, loaded is not None)
+            loaded = spec.name in self._loaded
+            known = self._kinds.get(spec.name)  # recorded at every load, so always set once loaded
+        kind, inpainting = known if known is not None else _kind_on_disk(spec.source)
+        return ModelInfo(spec.name, spec.label, spec.origin, kind, inpainting, loaded)
 
     def get(self, name: str | None) -> LoadedPipelines:
         """The model's pipelines, loading it first if need be (slow: not on the event loop)."""
