@@ -8,12 +8,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import uvicorn
+from diffusers import DiffusionPipeline
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -21,6 +23,7 @@ from sdserver.api.app import create_app
 from sdserver.engine.tiny import make_tiny_model
 from sdserver.service.scheduler import Scheduler
 from sdserver.settings import Settings
+from tests.support.original_layout import save_single_file
 
 SIZE = 64  # 8x8 latents with the tiny model's 8x VAE
 STEPS = 3
@@ -49,6 +52,38 @@ def tiny_model_without_checker(models_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_flagging_model(models_root: Path) -> Path:
     return make_tiny_model(models_root / "tiny-flagging", always_flag=True, seed=3)
+
+
+@dataclass(frozen=True)
+class ArchModel:
+    """One tiny model of an architecture, as a diffusers folder and as original-layout single files."""
+
+    folder: Path
+    safetensors: Path
+    ckpt: Path
+
+
+ArchModels = Callable[..., ArchModel]
+
+
+@pytest.fixture(scope="session")
+def arch_model(models_root: Path) -> ArchModels:
+    """arch_model("sd2", inpainting=True): built on first use, then shared by the session."""
+    built: dict[tuple[str, bool], ArchModel] = {}
+
+    def build(arch: Any, inpainting: bool = False) -> ArchModel:
+        if (arch, inpainting) not in built:
+            name = f"{arch}-inpainting" if inpainting else arch
+            folder = models_root / "arch" / name
+            make_tiny_model(folder, arch=arch, inpainting=inpainting, clip_vocab=True, safety_checker=False, seed=100)
+            pipe = DiffusionPipeline.from_pretrained(folder)
+            files = models_root / "arch-files"
+            files.mkdir(exist_ok=True)
+            safetensors = save_single_file(pipe, files / f"{name}.safetensors")
+            built[arch, inpainting] = ArchModel(folder, safetensors, save_single_file(pipe, files / f"{name}.ckpt"))
+        return built[arch, inpainting]
+
+    return build
 
 
 ClientFactory = Callable[..., TestClient]

@@ -12,6 +12,7 @@ import pytest
 
 from sdserver.core.errors import ConfigError
 from sdserver.core.types import Limits
+from sdserver.engine import Engine
 from sdserver.settings import DEFAULT_MODEL, CustomModel, Settings, is_hub_id, load_settings
 
 
@@ -350,13 +351,22 @@ def test_a_custom_model_whose_folder_does_not_exist_is_a_config_error(tmp_path: 
     assert "not a folder" in message
 
 
-def test_a_custom_model_path_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
-    weights = tmp_path / "weights" / "model.safetensors"
-    weights.parent.mkdir()
-    weights.write_bytes(b"")
-    path = write_config(tmp_path, {"custom_models": [custom(weights)]})
+def test_a_custom_model_path_that_is_some_other_file_is_a_config_error(tmp_path: Path) -> None:
+    notes = tmp_path / "weights" / "model.txt"
+    notes.parent.mkdir()
+    notes.write_text("not weights")
+    path = write_config(tmp_path, {"custom_models": [custom(notes)]})
 
-    assert "not a folder" in config_error(lambda: load_settings(path))
+    assert "not a folder, a .safetensors/.ckpt file" in config_error(lambda: load_settings(path))
+
+
+def test_a_custom_model_checkpoint_that_cannot_be_read_stops_start_up_naming_it(tmp_path: Path) -> None:
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    settings = load_settings(write_config(tmp_path, {"model": "demo", "custom_models": [custom(weights)]}))
+
+    with pytest.raises(ConfigError, match=r"model\.safetensors: not a valid \.safetensors file"):
+        Engine.from_settings(settings)
 
 
 def test_the_error_points_at_the_failing_entry(tmp_path: Path) -> None:
@@ -384,7 +394,7 @@ def test_an_owner_name_path_that_exists_locally_is_a_path_not_a_hub_id(tmp_path:
 
     assert not is_hub_id("owner/name")
     path = write_config(tmp_path, {"custom_models": [custom("owner/name")]})
-    assert "not a folder" in config_error(lambda: load_settings(path))
+    assert "not a folder" in config_error(lambda: load_settings(path))  # nor a checkpoint: no suffix
 
 
 def test_a_custom_model_missing_a_required_key_is_a_config_error(tmp_path: Path) -> None:

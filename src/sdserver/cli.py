@@ -36,13 +36,23 @@ def serve(
     config: Annotated[
         Path | None, typer.Option(help="config.json in the original format (default ./config.json)")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Base model: hub id, diffusers folder, or 'demo'")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Base model: hub id, diffusers folder, .safetensors/.ckpt file, or 'demo'")
+    ] = None,
     models_dir: Annotated[
-        Path | None, typer.Option(help="Folder whose diffusers sub-folders are models, named by folder")
+        Path | None,
+        typer.Option(help="Folder whose diffusers sub-folders and .safetensors/.ckpt files are models, by name"),
     ] = None,
     max_loaded_models: Annotated[
         int | None, typer.Option(help="Models kept loaded at most; least recently used unloads (default 3)")
     ] = None,
+    max_memory_gb: Annotated[
+        float | None, typer.Option(help="GB of model weights kept loaded at most (default: no limit)")
+    ] = None,
+    preload: Annotated[
+        list[str] | None, typer.Option(help="Also load this model at start (repeat; 'all' for every model)")
+    ] = None,
+    loras_dir: Annotated[Path | None, typer.Option(help="Folder of LoRA .safetensors files requests may name")] = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 1337)")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cuda, cuda:N, mps or cpu (default auto)")] = None,
@@ -92,6 +102,9 @@ def serve(
             model=model,
             models_dir=str(models_dir) if models_dir is not None else None,
             max_loaded_models=max_loaded_models,
+            max_memory_gb=max_memory_gb,
+            preload=preload or None,
+            loras_dir=str(loras_dir) if loras_dir is not None else None,
             host=host,
             port=port,
             device=device,
@@ -171,7 +184,11 @@ class GracefulServer(uvicorn.Server):
 @app.command("make-tiny-model")
 def make_tiny_model(
     folder: Annotated[Path, typer.Argument(help="Output folder (a diffusers model folder)")],
+    arch: Annotated[str, typer.Option(help="Layout: sd1, sd2 (v-prediction) or sdxl")] = "sd1",
     inpainting: Annotated[bool, typer.Option(help="9-channel inpainting UNet")] = False,
+    clip_vocab: Annotated[
+        bool, typer.Option(help="SD 1.x with CLIP's real vocabulary (2.x and XL always have it)")
+    ] = False,
     safety_checker: Annotated[bool, typer.Option(help="Include a (random, never-flagging) safety checker")] = True,
     always_flag: Annotated[bool, typer.Option(help="Make the safety checker flag every image")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights")] = 0,
@@ -179,7 +196,17 @@ def make_tiny_model(
     """Write a tiny random-weight Stable Diffusion model (a few MB, offline). It draws noise."""
     from sdserver.engine.tiny import make_tiny_model as build
 
-    build(folder, inpainting=inpainting, safety_checker=safety_checker, always_flag=always_flag, seed=seed)
+    if arch not in ("sd1", "sd2", "sdxl"):
+        raise typer.BadParameter(f"must be sd1, sd2 or sdxl, got {arch!r}", param_hint="--arch")
+    build(
+        folder,
+        arch=arch,  # type: ignore[arg-type]
+        inpainting=inpainting,
+        safety_checker=safety_checker,
+        always_flag=always_flag,
+        clip_vocab=clip_vocab,
+        seed=seed,
+    )
     typer.echo(f"wrote {folder}")
 
 

@@ -49,6 +49,8 @@ class CustomModel(BaseModel):
     ui_label: str
     url_path: str
     requires_safety_checker: bool = False
+    # Ours: SD 2.x single files are taken as v-prediction (and the rest as epsilon) unless this says otherwise.
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
 
     @field_validator("requires_safety_checker", mode="before")
     @classmethod
@@ -66,8 +68,13 @@ class CustomModel(BaseModel):
 
     @model_validator(mode="after")
     def _path_exists(self) -> CustomModel:
-        if not is_hub_id(self.model_path) and not Path(self.model_path).expanduser().is_dir():
-            raise ValueError(f"model_path {self.model_path!r} of {self.url_path!r} is not a folder")
+        path = Path(self.model_path).expanduser()
+        checkpoint = path.is_file() and path.suffix.lower() in (".safetensors", ".ckpt")
+        if not is_hub_id(self.model_path) and not (path.is_dir() or checkpoint):
+            raise ValueError(
+                f"model_path {self.model_path!r} of {self.url_path!r} is not a folder, "
+                "a .safetensors/.ckpt file or a hub id"
+            )
         return self
 
 
@@ -89,8 +96,11 @@ class Settings(BaseSettings):
     model: str | None = None  # hub id, local diffusers folder, or "demo"; None: the default (see resolve)
     hf_token: str | None = Field(default=None, validation_alias=AliasChoices("hf_token", "HF_TOKEN"))
     custom_models: list[CustomModel] = Field(default_factory=list)
-    models_dir: str | None = None  # every diffusers folder in it is a model, named by its folder
+    models_dir: str | None = None  # every diffusers folder and .safetensors/.ckpt file in it is a model
     max_loaded_models: int = Field(default=3, ge=1)  # the least recently used is unloaded past this
+    max_memory_gb: float | None = Field(default=None, gt=0)  # and past this many GB of weights
+    preload: Annotated[list[str], NoDecode] = Field(default_factory=list)  # models loaded at start; "all"
+    loras_dir: str | None = None  # LoRA adapters (.safetensors) that requests may name
     host: str = "127.0.0.1"
     port: int = Field(default=1337, ge=0, le=65535)
     device: str = "auto"  # auto: cuda, then mps, then cpu
@@ -114,7 +124,7 @@ class Settings(BaseSettings):
     max_body_mb: float = Field(default=32.0, gt=0)
     drain_timeout: float = Field(default=30.0, ge=0)  # seconds to finish work on SIGTERM
 
-    @field_validator("api_keys", "api_auth", "cors_origins", mode="before")
+    @field_validator("api_keys", "api_auth", "cors_origins", "preload", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         # SDSERVER_API_KEYS=a,b in the environment; lists in config.json

@@ -53,7 +53,7 @@ def test_listing_names_every_model_with_kind_source_and_state(client: TestClient
         "name": "alpha",
         "label": "alpha",
         "source": "models_dir",
-        "kind": "unknown",  # the tiny UNet's cross-attention width is none of SD's
+        "kind": "sd1",  # an OpenAI-CLIP text encoder with one UNet: the SD 1.x layout
         "inpainting": False,
         "loaded": False,
     }

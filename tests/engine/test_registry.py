@@ -13,7 +13,7 @@ import pytest
 from sdserver.core.errors import ConfigError, InvalidRequest, NotFound, Unavailable
 from sdserver.core.types import GenerationRequest
 from sdserver.engine import Engine
-from sdserver.engine.registry import Registry, kind_of
+from sdserver.engine.registry import Registry
 from sdserver.engine.tiny import make_tiny_model
 from sdserver.settings import CustomModel, Settings
 from tests.conftest import SIZE, STEPS
@@ -180,16 +180,38 @@ def test_custom_models_load_lazily_and_borrow_the_base_safety_checker(
     engine.load()
     registry: Registry = engine.registry
     assert registry.loaded_names() == [tiny_model.name]
-    assert registry.get("nc").safety_checker is registry.get(None).safety_checker
+    assert registry.get("nc").checker is registry.get(None).checker
     assert registry.info("nc").origin == "custom_models"
 
 
-def test_kind_from_the_unet_config(tiny_model: Path, tiny_inpainting_model: Path) -> None:
-    assert kind_of({"cross_attention_dim": 768, "in_channels": 4}) == ("sd1", False)
-    assert kind_of({"cross_attention_dim": 1024, "in_channels": 9}) == ("sd2", True)
-    assert kind_of({"cross_attention_dim": 2048, "in_channels": 4}) == ("sdxl", False)
-    assert kind_of({"cross_attention_dim": 32}) == ("unknown", None)
+def test_kind_is_read_from_disk_without_loading(tiny_model: Path, tiny_inpainting_model: Path) -> None:
     custom = CustomModel(model_path=str(tiny_inpainting_model), ui_label="Inpaint", url_path="inp")
     engine = Engine.from_settings(Settings(model=str(tiny_model), custom_models=[custom], device="cpu"))
-    info = engine.registry.info("inp")  # read from unet/config.json: not loaded for this
-    assert info.inpainting is True and not info.loaded and engine.registry.load_count == 0
+    info = engine.registry.info("inp")  # read from model_index.json and the configs: not loaded for this
+    assert (info.kind, info.inpainting, info.loaded) == ("sd1", True, False)
+    assert engine.registry.load_count == 0
+
+
+def test_a_memory_budget_unloads_the_least_recently_used_to_make_room(tiny_model: Path, models_dir: Path) -> None:
+    probe = make_engine(tiny_model, models_dir).registry
+    size = probe.get("alpha").memory_bytes
+    assert size > 0 and probe.get(None).memory_bytes > 0
+    # room for the base and one more model, never two: max_loaded alone would keep three
+    budget_gb = (probe.get(None).memory_bytes + 1.5 * size) / 1e9
+    engine = make_engine(tiny_model, models_dir, max_loaded_models=10, max_memory_gb=budget_gb)
+    registry = engine.registry
+    for name in ("alpha", "beta", "alpha", "gamma"):
+        generate(engine, name)
+        assert others(registry) == [name]
+        assert registry.loaded_bytes() <= budget_gb * 1e9
+    assert registry.unload_count == 3
+    assert "loaded_bytes" in str(engine.stats())
+
+
+def test_preload_loads_the_named_models_before_serving(tiny_model: Path, models_dir: Path) -> None:
+    engine = make_engine(tiny_model, models_dir, preload=["beta"])
+    assert engine.registry.loaded_names() == [tiny_model.name, "beta"]
+    everything = make_engine(tiny_model, models_dir, preload="all", max_loaded_models=4)
+    assert sorted(everything.registry.loaded_names()) == sorted([tiny_model.name, *MODELS])
+    with pytest.raises(NotFound, match="'nope'"):
+        make_engine(tiny_model, models_dir, preload=["nope"])

@@ -54,7 +54,11 @@ def create_app(
             on_worker_death=on_fatal,
         )
         metrics.add_gauges("sdserver_queue", "Jobs waiting and running", lambda: {"depth": scheduler.queue_depth})
-        metrics.add_gauges("sdserver_models", "Models loaded, and loads so far", lambda: engine_stats("models"))
+        metrics.add_gauges(
+            "sdserver_models",
+            "Models loaded, loads and unloads so far, bytes of loaded weights",
+            lambda: engine_stats("models"),
+        )
         metrics.add_gauges(
             "sdserver_device_memory_bytes", "Accelerator memory", lambda: engine_stats("device_memory_bytes")
         )

@@ -60,6 +60,14 @@ class ModelLoadError(SDServerError):
     """A model could not be loaded."""
 
 
+class UnsupportedModel(ModelLoadError):
+    """The model is of a kind this server cannot serve (the message names what it is)."""
+
+
+class UnsafeCheckpoint(ModelLoadError):
+    """A pickled checkpoint asks to run code, or to build objects that plain weights never need."""
+
+
 class GenerationError(SDServerError):
     """The pipeline failed while generating."""
 

@@ -21,9 +21,16 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, registry: Registry, *, fall_back_to_demo: bool = False) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        fall_back_to_demo: bool = False,
+        preload: list[str] | None = None,
+    ) -> None:
         self.registry = registry
         self._fall_back_to_demo = fall_back_to_demo
+        self._preload = preload or []
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:
@@ -34,13 +41,18 @@ class Engine:
             dtype=pick_dtype(settings.dtype, device),
             token=settings.hf_token,
             max_loaded=settings.max_loaded_models,
+            max_memory_bytes=int(settings.max_memory_gb * 1e9) if settings.max_memory_gb is not None else None,
             models_dir=settings.models_dir,
         )
-        return cls(registry, fall_back_to_demo=not settings.model_explicit)
+        return cls(
+            registry,
+            fall_back_to_demo=not settings.model_explicit,
+            preload=settings.preload,
+        )
 
     def load(self) -> None:
-        """Load the base model (slow: call before serving); the others load on first use."""
-        self.registry.preload(fall_back_to_demo=self._fall_back_to_demo)
+        """Load the base model and the --preload ones (slow: call before serving); the others load on first use."""
+        self.registry.preload(self._preload, fall_back_to_demo=self._fall_back_to_demo)
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Numbers for the metrics endpoint."""
@@ -50,6 +62,7 @@ class Engine:
                 "loaded": len(registry.loaded_names()),
                 "loads": registry.load_count,
                 "unloads": registry.unload_count,
+                "loaded_bytes": registry.loaded_bytes(),
             },
             "device_memory_bytes": device_memory(registry.device),
         }

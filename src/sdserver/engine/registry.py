@@ -5,35 +5,45 @@ its own name; custom models answer to their `url_path`; models found in `models_
 folder's name.
 
 The base model is loaded before serving and never unloaded; the others load on first use (one load
-per model at a time: a per-model lock), and at most `max_loaded` models stay loaded: the least
-recently used one that no batch is running on is unloaded first.
+per model at a time: a per-model lock). At most `max_loaded` models stay loaded, and with a memory
+budget their weights stay within `max_memory_bytes`: the least recently used model that no batch is
+running on is unloaded first.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
-from sdserver.core.errors import ConfigError, InvalidRequest, ModelLoadError, NotFound, Unavailable
+from sdserver.core.errors import (
+    ConfigError,
+    InvalidRequest,
+    ModelLoadError,
+    NotFound,
+    SDServerError,
+    Unavailable,
+    UnsupportedModel,
+)
+from sdserver.engine.architectures import Prediction
+from sdserver.engine.checkpoint import SINGLE_FILE_SUFFIXES
 from sdserver.engine.device import free_device_memory
-from sdserver.engine.loaders import LoadedPipelines, load_pipelines
+from sdserver.engine.loaders import Description, LoadedPipelines, describe_source, load_pipelines, resolve_source
 from sdserver.settings import DEFAULT_MODEL, DEMO_MODEL, Settings, is_url_safe
 
 log = logging.getLogger(__name__)
 
 Origin = Literal["base", "custom_models", "models_dir"]
-_KINDS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_UNKNOWN = Description("unknown", None)
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,8 @@ class ModelSpec:
     requires_safety_checker: bool = True
     is_base: bool = False
     origin: Origin = "custom_models"
+    prediction_type: Prediction | None = None  # overrides the model's own (or, for single files, the guess)
+    description: Description | None = None  # read from disk when configured; None: not yet known
 
 
 @dataclass(frozen=True)
@@ -60,24 +72,28 @@ class ModelInfo:
 
 def base_model_name(source: str) -> str:
     path = Path(source).expanduser()
-    return path.name if path.is_dir() else source
+    if path.is_dir():
+        return path.name
+    return path.stem if path.is_file() else source
 
 
 def specs_from_settings(settings: Settings) -> list[ModelSpec]:
+    """The configured models; a local one of a kind we cannot serve stops start-up, named."""
     source = settings.base_model
-    base = ModelSpec(name=base_model_name(source), source=source, label="Stable Diffusion", is_base=True, origin="base")
+    name = base_model_name(source)
+    base = _checked(ModelSpec(name=name, source=source, label="Stable Diffusion", is_base=True, origin="base"))
     specs = [base]
     for custom in settings.custom_models:
         if custom.url_path == base.name:
             raise ConfigError(f"custom model url_path {custom.url_path!r} clashes with the base model's name")
-        specs.append(
-            ModelSpec(
-                name=custom.url_path,
-                source=custom.model_path,
-                label=custom.ui_label,
-                requires_safety_checker=custom.requires_safety_checker,
-            )
+        spec = ModelSpec(
+            name=custom.url_path,
+            source=custom.model_path,
+            label=custom.ui_label,
+            requires_safety_checker=custom.requires_safety_checker,
+            prediction_type=custom.prediction_type,
         )
+        specs.append(_checked(spec))
     if settings.models_dir is not None:
         folder = Path(settings.models_dir).expanduser()
         if not folder.is_dir():
@@ -85,41 +101,54 @@ def specs_from_settings(settings: Settings) -> list[ModelSpec]:
     return specs
 
 
+def _checked(spec: ModelSpec) -> ModelSpec:
+    """`spec` with its description read from disk (hub models: later, when loaded)."""
+    try:
+        resolve_source(spec.source)
+    except ModelLoadError:
+        return spec  # a missing model fails when loaded, with the loader's advice (or the demo fallback)
+    try:
+        return replace(spec, description=_describe(spec.source, spec.prediction_type))
+    except UnsupportedModel as exc:
+        raise ConfigError(f"model {spec.name!r}: {exc.message}") from None
+    except ModelLoadError as exc:
+        raise ConfigError(f"model {spec.name!r}: {exc.message}") from None
+
+
+def _describe(source: str, prediction_type: Prediction | None) -> Description | None:
+    """What the model is, without loading weights; None when that means reading a whole .ckpt."""
+    if Path(source).suffix.lower() == ".ckpt":
+        return None
+    return describe_source(source, prediction_type)
+
+
 def scan_models_dir(folder: Path, taken: set[str]) -> list[ModelSpec]:
-    """Every diffusers folder (one with a model_index.json) directly in `folder`, named by its folder
-    name; a folder that is unusable is skipped with a warning."""
+    """Every diffusers folder (one with a model_index.json) and single-file checkpoint directly in
+    `folder`, named by its folder or file name (without suffix); an unusable one is skipped with a warning."""
     if not folder.is_dir():
         log.warning("models_dir %s is not a folder: no models found there", folder)
         return []
     specs = []
-    for sub in sorted(folder.iterdir()):
-        index = sub / "model_index.json"
-        if not sub.is_dir() or not index.is_file():
+    for entry in sorted(folder.iterdir()):
+        is_model_folder = entry.is_dir() and (entry / "model_index.json").is_file()
+        is_file = entry.is_file() and entry.suffix.lower() in SINGLE_FILE_SUFFIXES
+        if not (is_model_folder or is_file):
+            continue
+        name = entry.name if is_model_folder else entry.stem
+        if not is_url_safe(name):
+            log.warning("skipping %s in models_dir: a model name uses only letters, digits, '.', '_', '~', '-'", entry)
+            continue
+        if name in taken:
+            log.warning("skipping %s in models_dir: the name %r is already a model", entry, name)
             continue
         try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            log.warning("skipping %s in models_dir: unreadable model_index.json (%s)", sub.name, exc)
+            description = _describe(str(entry), None)
+        except SDServerError as exc:
+            log.warning("skipping %s in models_dir: %s", entry.name, exc.message)
             continue
-        if not is_url_safe(sub.name):
-            log.warning("skipping %s in models_dir: a model name uses only letters, digits, '.', '_', '~', '-'", sub)
-            continue
-        if sub.name in taken:
-            log.warning("skipping %s in models_dir: the name %r is already a configured model", sub, sub.name)
-            continue
-        specs.append(ModelSpec(name=sub.name, source=str(sub), label=sub.name, origin="models_dir"))
+        taken.add(name)
+        specs.append(ModelSpec(name=name, source=str(entry), label=name, origin="models_dir", description=description))
     return specs
-
-
-def kind_of(unet_config: dict[str, Any]) -> tuple[str, bool | None]:
-    """(sd1/sd2/sdxl/unknown, is it an inpainting UNet) from a UNet config."""
-    dim = unet_config.get("cross_attention_dim")
-    channels = unet_config.get("in_channels")
-    return _KINDS.get(dim, "unknown") if isinstance(dim, int) else "unknown", (
-        channels == 9 if isinstance(channels, int) else None
-    )
 
 
 class Registry:
@@ -133,6 +162,7 @@ class Registry:
         dtype: torch.dtype,
         token: str | None,
         max_loaded: int = 3,
+        max_memory_bytes: int | None = None,
         models_dir: str | None = None,
     ):
         self._lock = threading.RLock()
@@ -144,8 +174,10 @@ class Registry:
         self._load_locks: dict[str, threading.Lock] = {}
         self._in_use: dict[str, int] = {}
         self._hashes: dict[str, str] = {}  # kept after unloading: listings need not reload
-        self._kinds: dict[str, tuple[str, bool | None]] = {}
+        self._descriptions: dict[str, Description] = {}  # what each load found
+        self._sizes: dict[str, int] = {}  # bytes of weights measured at each load
         self.max_loaded = max_loaded
+        self.max_memory_bytes = max_memory_bytes
         self.load_count = 0
         self.unload_count = 0
         self.device, self.dtype, self._token = device, dtype, token
@@ -196,9 +228,13 @@ class Registry:
         spec = self.spec(name)
         with self._lock:
             loaded = spec.name in self._loaded
-            known = self._kinds.get(spec.name)  # recorded at every load, so always set once loaded
-        kind, inpainting = known if known is not None else _kind_on_disk(spec.source)
-        return ModelInfo(spec.name, spec.label, spec.origin, kind, inpainting, loaded)
+            known = self._descriptions.get(spec.name) or spec.description or _UNKNOWN
+        return ModelInfo(spec.name, spec.label, spec.origin, known.kind, known.inpainting, loaded)
+
+    def loaded_bytes(self) -> int:
+        """Weights of the loaded models, as measured when each loaded."""
+        with self._lock:
+            return sum(self._sizes.get(name, 0) for name in self._loaded)
 
     def get(self, name: str | None) -> LoadedPipelines:
         """The model's pipelines, loading it first if need be (slow: not on the event loop)."""
@@ -213,11 +249,14 @@ class Registry:
                 if spec.name in self._loaded:
                     self._loaded.move_to_end(spec.name)
                     return self._loaded[spec.name]
-                self._evict(room_for=1, keep=spec.name)  # unload first: peak memory stays within the budget
+                # Unload first, so peak memory stays within the budget (size known from an earlier load, or
+                # estimated from the files).
+                incoming = self._sizes.get(spec.name) or _size_on_disk(spec.source)
+                self._evict(room_for=1, incoming_bytes=incoming, keep=spec.name)
             pipelines = self._load(spec)
             with self._lock:
                 self._loaded[spec.name] = pipelines
-                self._evict(room_for=0, keep=spec.name)  # others may have loaded meanwhile
+                self._evict(room_for=0, incoming_bytes=0, keep=spec.name)  # others may have loaded meanwhile
             return pipelines
 
     @contextmanager
@@ -260,8 +299,9 @@ class Registry:
         self._after_unload()
         return True
 
-    def preload(self, *, fall_back_to_demo: bool = False) -> None:
-        """Load the base model now (before serving); the others load on first use."""
+    def preload(self, names: list[str] | None = None, *, fall_back_to_demo: bool = False) -> None:
+        """Load the base model now (before serving), then `names` (["all"]: every model); the others
+        load on first use."""
         base = self.spec(None)
         try:
             self.get(None)
@@ -274,6 +314,9 @@ class Registry:
                 ModelSpec(name=DEMO_MODEL, source=DEMO_MODEL, label="Demo (bundled)", is_base=True, origin="base")
             )
             self.get(None)
+        wanted = self.names() if names == ["all"] else [self.spec(name).name for name in names or []]
+        for name in wanted:
+            self.get(name)
 
     def _replace_base(self, spec: ModelSpec) -> None:
         with self._lock:
@@ -281,22 +324,27 @@ class Registry:
             self._base = spec.name
         self.refresh()
 
-    def _evict(self, *, room_for: int, keep: str) -> None:
-        """Unload least recently used models until `room_for` more fit (caller holds `_lock`)."""
-        while len(self._loaded) + room_for > self.max_loaded:
+    def _evict(self, *, room_for: int, incoming_bytes: int, keep: str) -> None:
+        """Unload least recently used models until `room_for` more models of `incoming_bytes` fit both
+        budgets (caller holds `_lock`)."""
+        while self._over_budget(room_for, incoming_bytes):
             victim = next(
                 (name for name in self._loaded if name != keep and name != self._base and not self._in_use.get(name)),
                 None,
             )
             if victim is None:
-                log.info(
-                    "%d models loaded, over the budget of %d: the others are in use",
-                    len(self._loaded) + room_for,
-                    self.max_loaded,
-                )
+                log.info("over the model budget, but every other loaded model is the base or in use")
                 return
-            log.info("unloading model %r (least recently used; budget %d models)", victim, self.max_loaded)
+            log.info("unloading model %r (least recently used; over the model budget)", victim)
             self._drop(victim)
+
+    def _over_budget(self, room_for: int, incoming_bytes: int) -> bool:
+        if len(self._loaded) + room_for > self.max_loaded:
+            return True
+        if self.max_memory_bytes is None:
+            return False
+        held = sum(self._sizes.get(name, 0) for name in self._loaded)
+        return held + incoming_bytes > self.max_memory_bytes
 
     def _drop(self, name: str) -> None:
         """Forget a loaded model's pipelines (caller holds `_lock`; then call `_after_unload`)."""
@@ -316,22 +364,37 @@ class Registry:
         if spec.requires_safety_checker and not spec.is_base:
             borrow = self.get(None)
         pipelines = load_pipelines(
-            spec.source, device=self.device, dtype=self.dtype, token=self._token, safety_checker_from=borrow
+            spec.source,
+            device=self.device,
+            dtype=self.dtype,
+            token=self._token,
+            checker_from=borrow,
+            prediction_type=spec.prediction_type,
         )
         with self._lock:
             self.load_count += 1
             self._hashes[spec.name] = pipelines.weights_hash
-            self._kinds[spec.name] = kind_of(dict(pipelines.txt2img.unet.config))
-        checker = "with" if pipelines.safety_checker is not None else "without"
-        log.info("loaded model %r %s safety checker in %.1fs", spec.name, checker, time.perf_counter() - started)
+            self._descriptions[spec.name] = pipelines.description
+            self._sizes[spec.name] = pipelines.memory_bytes
+        checker = "with" if pipelines.checker is not None else "without"
+        log.info(
+            "loaded model %r (%s, %.2f GB) %s safety checker in %.1fs",
+            spec.name,
+            pipelines.description.kind,
+            pipelines.memory_bytes / 1e9,
+            checker,
+            time.perf_counter() - started,
+        )
         return pipelines
 
 
-def _kind_on_disk(source: str) -> tuple[str, bool | None]:
-    """A local model's kind from its unet/config.json, without loading it."""
-    path = Path(source).expanduser() / "unet" / "config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return "unknown", None
-    return kind_of(data) if isinstance(data, dict) else ("unknown", None)
+def _size_on_disk(source: str) -> int:
+    """The weights' bytes on disk: a first guess at a model's memory before it is ever loaded."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        return 0  # a hub model: measured once loaded
+    weights = [file for file in path.glob("*/*") if file.suffix in (".safetensors", ".bin")]
+    plain = [file for file in weights if ".fp16." not in file.name] or weights  # variants are alternatives
+    return sum(file.stat().st_size for file in plain)

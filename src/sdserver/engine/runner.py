@@ -49,12 +49,15 @@ def run_batch(
         "output_type": "pil",
     }
     if first.clip_skip is not None and first.clip_skip > 1:
-        # A1111 counts the last layer as 1, diffusers as 0. Encoded here: diffusers' own clip_skip
-        # path needs `text_encoder.text_model`, which transformers 5 no longer has.
+        # A1111 counts the last layer as 1, diffusers as 0. SD 1.x/2.x encoded here: diffusers' own
+        # clip_skip path there needs `text_encoder.text_model`, which transformers 5 no longer has.
         skip = first.clip_skip - 1
-        common["prompt_embeds"] = _clip_skip_embeds(model.txt2img, common.pop("prompt"), skip)
-        common["negative_prompt_embeds"] = _clip_skip_embeds(model.txt2img, negatives, skip)
-        del common["negative_prompt"]
+        if model.description.kind == "sdxl":
+            common["clip_skip"] = skip
+        else:
+            common["prompt_embeds"] = _clip_skip_embeds(model.txt2img, common.pop("prompt"), skip)
+            common["negative_prompt_embeds"] = _clip_skip_embeds(model.txt2img, negatives, skip)
+            del common["negative_prompt"]
 
     # 2. The task's pipeline and inputs. A 9-channel inpainting model serves every task as inpainting.
     inits, masks = _task_images(model, requests)
@@ -76,9 +79,11 @@ def run_batch(
     with using_sampler(pipe, first.sampler):
         output = pipe(**inputs, **common)
 
-    # 3. Safety flags (None when the model has no checker) and, for inpainting, the untouched pixels.
-    flags = output.nsfw_content_detected or [False] * len(prompts)
+    # 3. Safety flags (all False when the model has no checker) and, for inpainting, the untouched pixels.
     images: list[Image.Image] = list(output.images)
+    flags = [False] * len(images)
+    if model.checker is not None:
+        images, flags = model.checker.check(images)
     if first.task is Task.INPAINT and masks is not None and inits is not None:
         images = [
             image if flagged else _keep_unmasked(image, init, mask)

@@ -1,26 +1,39 @@
-"""Build a tiny, random-weight Stable Diffusion model in diffusers format, fully offline.
+"""Build a tiny, random-weight Stable Diffusion model (1.x, 2.x or XL layout) in diffusers format, offline.
 
 It is the same kind of folder as a user's fine-tuned model (model_index.json, unet, vae,
 text_encoder, tokenizer, scheduler, safety_checker, feature_extractor), only a few MB, so tests
-and offline demos exercise the real loading and pipeline code. It draws noise.
+and offline demos exercise the real loading and pipeline code. It draws noise. Each is the shipped
+architecture config (assets/architectures) shrunk, so a single-file copy of it loads back the same.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
+import diffusers
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
+
+from sdserver.engine.architectures import Kind as Arch
+from sdserver.engine.architectures import architectures_root
 
 TEXT_HIDDEN = 32
 MAX_TOKENS = 77
 
 
-def _byte_symbols() -> list[str]:
+def byte_symbols() -> list[str]:
     """GPT-2/CLIP's reversible byte -> printable unicode mapping (its 256 base symbols)."""
     printable = [
         *range(ord("!"), ord("~") + 1),
@@ -37,10 +50,10 @@ def _byte_symbols() -> list[str]:
     return symbols
 
 
-def _write_byte_level_tokenizer(folder: Path) -> CLIPTokenizer:
+def write_byte_level_tokenizer(folder: Path) -> CLIPTokenizer:
     """A CLIP BPE tokenizer with only byte-level tokens (no merges): any text tokenizes."""
     folder.mkdir(parents=True, exist_ok=True)
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for symbol in symbols + [s + "</w>" for s in symbols]:
         vocab.setdefault(symbol, len(vocab))
@@ -63,49 +76,72 @@ def _write_byte_level_tokenizer(folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(folder)
 
 
-def _unet(in_channels: int) -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=in_channels,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_HIDDEN,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+def _shipped(arch: Arch, component: str) -> dict[str, Any]:
+    """The shipped full-size config of `arch`'s component (see architectures.py)."""
+    config = json.loads((architectures_root() / arch / component / "config.json").read_text(encoding="utf-8"))
+    return {key: value for key, value in config.items() if not key.startswith("_") and key != "architectures"}
 
 
-def _vae() -> AutoencoderKL:
+def _unet(arch: Arch, in_channels: int, context: int, pooled: int) -> UNet2DConditionModel:
+    """The shipped UNet config, shrunk; heads follow the shipped rule (1.x: 8 heads; 2.x/XL: 64 channels each)."""
+    sizes: dict[str, Any] = {"in_channels": in_channels, "layers_per_block": 1, "sample_size": 8}
+    if arch == "sd1":
+        sizes |= {
+            "block_out_channels": (32, 64),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        }
+    elif arch == "sd2":
+        sizes |= {
+            "block_out_channels": (64, 128),
+            "attention_head_dim": (1, 2),
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        }
+    else:
+        sizes |= {
+            "block_out_channels": (64, 128),
+            "attention_head_dim": (1, 2),
+            "transformer_layers_per_block": (1, 2),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 6 * 8 + pooled,
+        }
+    return UNet2DConditionModel(**(_shipped(arch, "unet") | sizes | {"cross_attention_dim": context}))
+
+
+def _vae(arch: Arch) -> AutoencoderKL:
     # Four blocks: an 8x down-sampling VAE, the geometry of real Stable Diffusion.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=32,
-        sample_size=64,
-    )
+    sizes = {"block_out_channels": (32, 32, 64, 64), "layers_per_block": 1, "sample_size": 64}
+    return AutoencoderKL(**(_shipped(arch, "vae") | sizes))
 
 
-def _text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_TOKENS,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+def _text_encoder(
+    arch: Arch, component: str, tokenizer: CLIPTokenizer, hidden: int
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    sizes = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 2,
+        "num_attention_heads": max(1, hidden // 64),  # 64 channels per head, as in every real CLIP
+        "max_position_embeddings": MAX_TOKENS,
+        "projection_dim": hidden,
+    }
+    config = CLIPTextConfig(**(_shipped(arch, component) | sizes))
+    if component == "text_encoder_2":
+        return CLIPTextModelWithProjection(config)
     return CLIPTextModel(config)
+
+
+def _clip_tokenizer(arch: Arch, component: str) -> CLIPTokenizer:
+    """The real CLIP vocabulary (49,408 tokens), as single-file checkpoints need."""
+    folder = Path(_tmp_dir()) / component
+    shutil.copytree(architectures_root() / arch / component, folder)
+    for file in (architectures_root() / "clip-tokenizer").iterdir():
+        shutil.copy(file, folder / file.name)
+    return CLIPTokenizer.from_pretrained(folder)
 
 
 def _safety_checker(always_flag: bool) -> StableDiffusionSafetyChecker:
@@ -136,30 +172,59 @@ def _safety_checker(always_flag: bool) -> StableDiffusionSafetyChecker:
 
 
 def build_tiny_pipeline(
-    *, inpainting: bool = False, safety_checker: bool = True, always_flag: bool = False, seed: int = 0
-) -> StableDiffusionPipeline:
+    *,
+    arch: Arch = "sd1",
+    inpainting: bool = False,
+    safety_checker: bool = True,
+    always_flag: bool = False,
+    clip_vocab: bool = False,
+    seed: int = 0,
+) -> Any:
+    """A tiny pipeline of `arch`. SD 1.x uses a byte-level vocabulary unless `clip_vocab` (smaller and
+    faster); 2.x and XL always use CLIP's. SDXL has no safety checker slot, as the real one."""
     torch.manual_seed(seed)
-    tokenizer_dir = Path(_tmp_dir()) / "tokenizer"
-    tokenizer = _write_byte_level_tokenizer(tokenizer_dir)
+    in_channels = 9 if inpainting else 4
+    scheduler_class = getattr(diffusers, _shipped_scheduler(arch)["_class_name"])
+    scheduler = scheduler_class.from_config(_shipped_scheduler(arch))
+    if arch == "sd2" and inpainting:
+        scheduler = scheduler_class.from_config(scheduler.config, prediction_type="epsilon")  # as 2.x inpainting
+    if arch == "sd1" and not clip_vocab:
+        tokenizer = write_byte_level_tokenizer(Path(_tmp_dir()) / "tokenizer")
+    else:
+        tokenizer = _clip_tokenizer(arch, "tokenizer")
+    if arch == "sdxl":
+        # The two encoders differ in width, as in the real model (diffusers' single-file loader tells
+        # them apart by width).
+        tokenizer_2 = _clip_tokenizer(arch, "tokenizer_2")
+        encoder = _text_encoder(arch, "text_encoder", tokenizer, 32)
+        encoder_2 = _text_encoder(arch, "text_encoder_2", tokenizer_2, 64)
+        return StableDiffusionXLPipeline(
+            vae=_vae(arch),
+            text_encoder=encoder,
+            text_encoder_2=encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=_unet(arch, in_channels, context=32 + 64, pooled=64),
+            scheduler=scheduler,
+        )
+    hidden = TEXT_HIDDEN if arch == "sd1" else 64
     checker = _safety_checker(always_flag) if safety_checker else None
     return StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=_text_encoder(tokenizer),
+        vae=_vae(arch),
+        text_encoder=_text_encoder(arch, "text_encoder", tokenizer, hidden),
         tokenizer=tokenizer,
-        unet=_unet(9 if inpainting else 4),
-        scheduler=PNDMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            skip_prk_steps=True,
-            steps_offset=1,
-            set_alpha_to_one=False,
-        ),
+        unet=_unet(arch, in_channels, context=hidden, pooled=0),
+        scheduler=scheduler,
         safety_checker=checker,
         feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
         requires_safety_checker=safety_checker,
     )
+
+
+def _shipped_scheduler(arch: Arch) -> dict[str, Any]:
+    path = architectures_root() / arch / "scheduler" / "scheduler_config.json"
+    config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return config
 
 
 def _tmp_dir() -> str:
@@ -168,24 +233,27 @@ def _tmp_dir() -> str:
     return tempfile.mkdtemp(prefix="sdserver-tiny-")
 
 
-def make_tiny_model(
-    folder: Path,
-    *,
-    inpainting: bool = False,
-    safety_checker: bool = True,
-    always_flag: bool = False,
-    seed: int = 0,
-) -> Path:
-    """Write the tiny model to `folder` (created) and return it."""
-    pipe: Any = build_tiny_pipeline(
-        inpainting=inpainting, safety_checker=safety_checker, always_flag=always_flag, seed=seed
-    )
+class TinyOptions(TypedDict, total=False):
+    arch: Arch
+    inpainting: bool
+    safety_checker: bool
+    always_flag: bool
+    clip_vocab: bool
+    seed: int
+
+
+def make_tiny_model(folder: Path, **options: Unpack[TinyOptions]) -> Path:
+    """Write the tiny model (see build_tiny_pipeline for the options) to `folder` (created) and return it."""
+    pipe = build_tiny_pipeline(**options)
+    inpainting, arch = options.get("inpainting", False), options.get("arch", "sd1")
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(folder, safe_serialization=True)
     if inpainting:
         # Mark it as the inpainting kind of folder, as hub inpainting models are.
         index_path = folder / "model_index.json"
         index = json.loads(index_path.read_text())
-        index["_class_name"] = "StableDiffusionInpaintPipeline"
+        index["_class_name"] = (
+            "StableDiffusionXLInpaintPipeline" if arch == "sdxl" else "StableDiffusionInpaintPipeline"
+        )
         index_path.write_text(json.dumps(index, indent=2))
     return folder
