@@ -37,7 +37,8 @@ def parameters_for(
 ) -> dict[str, Any]:
     """The structured parameters of one generated image (the `parameters_json` chunk)."""
     params: dict[str, Any] = {
-        "prompt": request.prompt,
+        # A1111 keeps LoRA tags in the prompt: pasting the parameters back reproduces the image.
+        "prompt": " ".join([request.prompt, *(f"<lora:{lora.name}:{lora.weight:g}>" for lora in request.loras)]),
         "negative_prompt": request.negative_prompt or "",
         "steps": request.steps,
         "sampler": sampler,

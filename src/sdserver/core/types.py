@@ -6,6 +6,7 @@ once, so every protocol rejects the same bad input with the same message.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -74,6 +75,47 @@ def _image(value: Any) -> Any:
 
 ImageField = Annotated[Any, BeforeValidator(_image)]
 
+# AUTOMATIC1111's prompt syntax for LoRAs, which users type into every client: <lora:name:weight>
+_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
+
+
+class LoraRef(BaseModel):
+    """A LoRA adapter (by its name in loras_dir) applied to one request at `weight`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    weight: float = Field(default=1.0, ge=-4.0, le=4.0, allow_inf_nan=False)
+
+
+def _lora_refs(value: Any) -> Any:
+    """Accepts "a:0.8,b" (a form field), a list of names or {"name", "weight"} objects, or {name: weight}."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if isinstance(value, Mapping):
+        return tuple({"name": name, "weight": weight} for name, weight in value.items())
+    if isinstance(value, list | tuple):
+        return tuple(_lora_ref(item) for item in value)
+    return value
+
+
+def _lora_ref(item: Any) -> Any:
+    if isinstance(item, str):
+        name, _, weight = item.strip().partition(":")
+        return {"name": name.strip(), "weight": weight.strip()} if weight.strip() else {"name": name.strip()}
+    return item
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[dict[str, str]]]:
+    """The prompt without its <lora:name:weight> tags, and the tags as LoRA references."""
+    refs = [{"name": m.group(1).strip(), "weight": (m.group(2) or "1").strip()} for m in _LORA_TAG.finditer(prompt)]
+    return " ".join(_LORA_TAG.sub(" ", prompt).split()), refs
+
+
+LoraField = Annotated[tuple[LoraRef, ...], BeforeValidator(_lora_refs)]
+
 
 class Limits(BaseModel):
     """Server-side caps on what one request may ask for (configurable in Settings)."""
@@ -84,6 +126,7 @@ class Limits(BaseModel):
     max_pixels: int = Field(default=2048 * 2048, ge=64)
     max_prompt_chars: int = Field(default=4000, ge=1)
     max_guidance: float = Field(default=30.0, ge=0)
+    max_loras: int = Field(default=8, ge=0)
 
 
 class GenerationRequest(BaseModel):
@@ -107,6 +150,16 @@ class GenerationRequest(BaseModel):
     mask_image: ImageField = None
     sampler: str | None = None  # an A1111 sampler name (SAMPLER_NAMES); None: the model's own scheduler
     clip_skip: int | None = Field(default=None, ge=1, le=12)  # A1111's: 1 = last CLIP layer, 2 = penultimate
+    loras: LoraField = ()  # also read from <lora:name:weight> tags in the prompt
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_lora_tags(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping) or not isinstance(data.get("prompt"), str) or "<lora:" not in data["prompt"]:
+            return data
+        prompt, tags = split_lora_tags(data["prompt"])
+        given = _lora_refs(data.get("loras"))
+        return {**data, "prompt": prompt, "loras": (*given, *tags)}
 
     @field_validator("sampler", mode="before")
     @classmethod
@@ -138,6 +191,11 @@ class GenerationRequest(BaseModel):
             length = len(getattr(self, name) or "")
             if length > limits.max_prompt_chars:
                 raise _field_error(name, None, f"is {length} characters, over the limit of {limits.max_prompt_chars}")
+        if len(self.loras) > limits.max_loras:
+            raise _field_error("loras", len(self.loras), f"LoRAs are over the limit of {limits.max_loras}")
+        names = [lora.name for lora in self.loras]
+        if len(set(names)) < len(names):
+            raise _field_error("loras", names, "name each LoRA once")
         if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
             raise _field_error("seed", self.seed, f"+ {self.num_images - 1} (one seed per image) is over {MAX_SEED}")
         if self.task in (Task.IMG2IMG, Task.INPAINT) and self.init_image is None:
@@ -199,10 +257,13 @@ def validate_request(
             value, reason = error.get("input"), error["msg"].removeprefix("Value error, ")
             reason = reason[0].lower() + reason[1:] if reason else reason
         shown = names.get(field_name, field_name)
+        where = shown + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"][1:])
+        if isinstance(context_error, _FieldError):
+            where = shown
         if error["type"] == "missing" or value is None:
-            message = f"{shown}: {reason}"
+            message = f"{where}: {reason}"
         else:
-            message = f"{shown}: {reason}, got {_short(value)}"
+            message = f"{where}: {reason}, got {_short(value)}"
         raise InvalidRequest(message, field=shown) from None
 
 

@@ -12,6 +12,7 @@ from sdserver.core.errors import Cancelled, GenerationError, InvalidRequest, Out
 from sdserver.core.types import GeneratedImage, GenerationRequest
 from sdserver.engine.device import device_memory, free_device_memory, is_out_of_memory, pick_device, pick_dtype
 from sdserver.engine.loaders import LoadedPipelines
+from sdserver.engine.loras import LoraLibrary, applied
 from sdserver.engine.registry import ModelSpec, Registry, specs_from_settings
 from sdserver.engine.runner import StepCallback, run_batch
 from sdserver.engine.samplers import sampler_label
@@ -27,8 +28,10 @@ class Engine:
         *,
         fall_back_to_demo: bool = False,
         preload: list[str] | None = None,
+        loras: LoraLibrary | None = None,
     ) -> None:
         self.registry = registry
+        self.loras = loras or LoraLibrary(None)
         self._fall_back_to_demo = fall_back_to_demo
         self._preload = preload or []
 
@@ -48,6 +51,7 @@ class Engine:
             registry,
             fall_back_to_demo=not settings.model_explicit,
             preload=settings.preload,
+            loras=LoraLibrary(settings.loras_dir),
         )
 
     def load(self) -> None:
@@ -73,6 +77,7 @@ class Engine:
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
         """Check the request against its model and fill what the model decides (name, size)."""
         spec = self.registry.spec(request.model)
+        self.loras.check(request.loras)
         update: dict[str, object] = {"model": spec.name}
         if request.clip_skip is not None:
             layers = int(self.registry.get(spec.name).txt2img.text_encoder.config.num_hidden_layers)
@@ -93,7 +98,8 @@ class Engine:
         """Run prepared, compatible requests as one pipeline call."""
         try:
             with self.registry.use(requests[0].model) as model:  # not unloaded while the batch runs
-                outputs = run_batch(model, requests, on_step)
+                with applied(self.loras, model, requests[0].loras):  # the batch key includes the LoRAs
+                    outputs = run_batch(model, requests, on_step)
                 self._describe(model, requests, outputs)
                 return outputs
         except SDServerError:

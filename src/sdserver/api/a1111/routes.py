@@ -197,8 +197,9 @@ async def sd_models(engine: EngineDep) -> list[dict[str, Any]]:
 
 
 @sdapi.post("/refresh-checkpoints")
-async def refresh_checkpoints() -> None:
-    """Nothing to do: models come from the configuration, loaded at start-up."""
+async def refresh_checkpoints(engine: EngineDep) -> None:
+    """Rescan models_dir: new checkpoints become selectable, removed ones go."""
+    await run_in_threadpool(engine.registry.refresh)
 
 
 @sdapi.get("/samplers")
@@ -212,9 +213,15 @@ async def list_schedulers() -> list[dict[str, Any]]:
 
 
 @sdapi.get("/loras")
-async def loras() -> list[dict[str, Any]]:
-    """Always empty: LoRA support is not there yet."""
-    return []
+async def loras(engine: EngineDep) -> list[dict[str, Any]]:
+    """The LoRAs in loras_dir; use one with <lora:name:weight> in a prompt."""
+    names = await run_in_threadpool(engine.loras.refresh)
+    return [{"name": name, "alias": name, "path": str(engine.loras.path(name)), "metadata": {}} for name in names]
+
+
+@sdapi.post("/refresh-loras")
+async def refresh_loras(engine: EngineDep) -> None:
+    await run_in_threadpool(engine.loras.refresh)
 
 
 @sdapi.get("/options")

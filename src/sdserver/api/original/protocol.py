@@ -35,6 +35,7 @@ TO_CORE = {
     "strength": "strength",
     "init_image": "init_image",
     "mask_image": "mask_image",
+    "loras": "loras",  # ours: "name:weight,name2" from loras_dir (or <lora:name:weight> in the prompt)
 }
 TO_ORIGINAL = {core: original for original, core in TO_CORE.items()}
 SIZED_TASKS = (Task.TXT2IMG,)  # img2img and masking take their size from init_image
@@ -65,6 +66,7 @@ def form_schema(task: Task) -> dict[str, Any]:
         "num_inference_steps": {"type": "integer", "default": 100},
         "guidance_scale": {"type": "number", "default": 7.5},
         "eta": {"type": "number", "default": 0.0},
+        "loras": {"type": "string", "description": "LoRAs from loras_dir, e.g. 'ink:0.8,film' (for this request)"},
     }
     if task in SIZED_TASKS:
         properties["width"] = {"type": "integer", "default": 512, "description": "A multiple of 8"}
