@@ -126,3 +126,14 @@ def test_make_tiny_model_writes_a_diffusers_folder(tmp_path: Path) -> None:
         assert (tmp_path / "m" / component).is_dir()
     unet = json.loads((tmp_path / "m" / "unet" / "config.json").read_text())
     assert unet["in_channels"] == 9
+
+
+def test_make_tiny_model_writes_each_architecture(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / "xl"), "--arch", "sdxl"])
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / "xl" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["text_encoder_2"][0] == "transformers"
+    scheduler = json.loads((tmp_path / "xl" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "EulerDiscreteScheduler"  # as the shipped SDXL config
+    wrong = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / "x"), "--arch", "sd3"])
+    assert wrong.exit_code == 2 and "sd3" in wrong.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from sdserver.core.errors import ConfigError
@@ -49,6 +51,16 @@ def free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
     elif device.type == "mps":
         torch.mps.empty_cache()
+
+
+def release_host_memory() -> None:
+    """Hand freed heap pages back to the OS. glibc keeps them otherwise: an unloaded .ckpt model
+    (read into the heap, not mapped from its file) stayed resident at its full size."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (macOS, musl): their allocators return memory on their own terms
+    libc.malloc_trim(0)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

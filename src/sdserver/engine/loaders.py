@@ -38,6 +38,18 @@ from sdserver.settings import DEMO_MODEL, is_hub_id
 
 log = logging.getLogger(__name__)
 
+
+class _EmptyFp32Warning(logging.Filter):
+    """diffusers warns "There are modules in X that should be kept in float32: []" on every dtype cast
+    of a single-file load, even when there are none: drop just that empty case."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("There are modules in") and "float32: []." in message)
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32Warning())
+
 Form = Literal["folder", "file", "hub"]
 # diffusers pipeline classes whose folders we serve (img2img/inpaint folders hold the same parts).
 _SERVED = {

@@ -36,7 +36,7 @@ from sdserver.core.errors import (
 )
 from sdserver.engine.architectures import Prediction
 from sdserver.engine.checkpoint import SINGLE_FILE_SUFFIXES
-from sdserver.engine.device import free_device_memory
+from sdserver.engine.device import free_device_memory, release_host_memory
 from sdserver.engine.loaders import Description, LoadedPipelines, describe_source, load_pipelines, resolve_source
 from sdserver.settings import DEFAULT_MODEL, DEMO_MODEL, Settings, is_url_safe
 
@@ -355,6 +355,7 @@ class Registry:
         """Return dropped pipelines' memory: the three pipelines share components, collect them all."""
         gc.collect()
         free_device_memory(self.device)
+        release_host_memory()
 
     def _load(self, spec: ModelSpec) -> LoadedPipelines:
         self._after_unload()  # what _evict dropped
