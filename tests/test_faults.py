@@ -125,7 +125,7 @@ def test_sigterm_past_the_drain_timeout_answers_what_is_left_clearly(tiny_model:
     failed = [r for r in responses if r.status_code != 200]
     assert failed, "the drain timeout should have cut some work short"
     for response in failed:
-        assert response.status_code == 503 and "shut" in response.json()["message"]
+        assert response.status_code == 503 and "shut" in response.json()["message"], response.text
 
 
 def test_a_dead_worker_makes_the_process_exit_non_zero(tiny_model: Path, tmp_path: Path) -> None:

@@ -169,8 +169,12 @@ class Scheduler:
             if queued:
                 self._queue.remove(job)
         if queued:
-            job.fail(Cancelled("cancelled while queued"))
+            job.fail(self._cancelled("cancelled while queued"))
         return job
+
+    def _cancelled(self, reason: str) -> SDServerError:
+        """Past stop(), a cancelled job was cut short by the shutdown: say so (503), whoever asked."""
+        return Unavailable("the server shut down before this request finished") if self._stopping else Cancelled(reason)
 
     def queue_position(self, job: Job) -> int | None:
         """0-based place in the queue, None once it left it."""
@@ -237,11 +241,12 @@ class Scheduler:
                     break
                 self._wakeup.wait(remaining)
             self._expect_company = len(batch) > 1
+            self._running = batch  # out of the queue: from now on stop() must see them here
         return [job for job in batch if self._still_wanted(job)]
 
     def _still_wanted(self, job: Job) -> bool:
         if job.cancel_requested:
-            job.fail(Cancelled("cancelled while queued"))
+            job.fail(self._cancelled("cancelled while queued"))
             return False
         if job.deadline is not None and time.monotonic() > job.deadline:
             job.fail(Timeout(f"the request waited over {self.queue_timeout_s:g}s in the queue and was dropped"))
@@ -258,7 +263,7 @@ class Scheduler:
         try:
             outputs = self.engine.run([job.request for job in batch], self._progress_reporter(batch))
         except Cancelled as exc:
-            error = Unavailable("the server shut down before this request finished") if self._stopping else exc
+            error = self._cancelled(exc.message)
             for job in batch:
                 job.fail(error)
             return
