@@ -34,6 +34,7 @@ from sdserver.core.types import Limits
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEMO_MODEL = "demo"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 _URL_PATH = re.compile(r"^[A-Za-z0-9._~-]+$")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -69,13 +70,17 @@ class CustomModel(BaseModel):
     @model_validator(mode="after")
     def _path_exists(self) -> CustomModel:
         path = Path(self.model_path).expanduser()
-        checkpoint = path.is_file() and path.suffix.lower() in (".safetensors", ".ckpt")
-        if not is_hub_id(self.model_path) and not (path.is_dir() or checkpoint):
+        if not is_hub_id(self.model_path) and not (path.is_dir() or is_single_file(path)):
             raise ValueError(
                 f"model_path {self.model_path!r} of {self.url_path!r} is not a folder, "
                 "a .safetensors/.ckpt file or a hub id"
             )
         return self
+
+
+def is_single_file(path: Path) -> bool:
+    """A single-file checkpoint: a .safetensors or .ckpt file."""
+    return path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES
 
 
 def is_url_safe(name: str) -> bool:

@@ -254,5 +254,6 @@ def _meta_pipeline(kind: str) -> Any:
 
 
 def _normalised(config: dict[str, Any]) -> dict[str, Any]:
-    """JSON round trip (tuples become lists), minus fields the weights do not decide."""
-    return {key: value for key, value in json.loads(json.dumps(config)).items()}
+    """As JSON reads it back (tuples become lists)."""
+    normalised: dict[str, Any] = json.loads(json.dumps(config))
+    return normalised

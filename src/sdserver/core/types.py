@@ -257,9 +257,9 @@ def validate_request(
             value, reason = error.get("input"), error["msg"].removeprefix("Value error, ")
             reason = reason[0].lower() + reason[1:] if reason else reason
         shown = names.get(field_name, field_name)
-        where = shown + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"][1:])
-        if isinstance(context_error, _FieldError):
-            where = shown
+        where = shown
+        if not isinstance(context_error, _FieldError):  # a nested field: loras[0].weight
+            where += "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"][1:])
         if error["type"] == "missing" or value is None:
             message = f"{where}: {reason}"
         else:

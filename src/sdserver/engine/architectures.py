@@ -102,8 +102,7 @@ def _kind(shapes: Shapes, name: str) -> Kind:
     else:
         raise UnsupportedModel(f"{name} has a UNet but no text encoder that sdserver knows (CLIP or OpenCLIP)")
     for _, prefix, layout in _TEXT_ENCODERS[kind]:
-        embedding = prefix + ("embeddings.token_embedding.weight" if layout == "hf" else "token_embedding.weight")
-        vocab = _shape(shapes, embedding, name)[0]
+        vocab = _shape(shapes, _token_embedding(prefix, layout), name)[0]
         if vocab != _CLIP_VOCAB:  # the shipped tokenizer is CLIP's
             raise UnsupportedModel(
                 f"{name}: its text encoder has a vocabulary of {vocab} tokens; single files need CLIP's {_CLIP_VOCAB}"
@@ -126,13 +125,12 @@ def write_config_folder(arch: Architecture, shapes: Shapes, folder: Path, *, nam
         config = _text_encoder_config(shapes, prefix, layout, drop_last=arch.kind == "sd2", name=name)
         text_widths[component] = config.get("projection_dim", config["hidden_size"])
         _update(folder / component / "config.json", config)
-    _update(folder / "unet" / "config.json", _unet_config(arch, shapes, text_widths, name=name))
-    _update(folder / "vae" / "config.json", _vae_config(shapes, name=name))
-    scheduler: dict[str, Any] = {"prediction_type": arch.prediction_type}
-    _update(folder / "scheduler" / "scheduler_config.json", scheduler)
+    unet, vae = _unet_config(arch, shapes, text_widths, name=name), _vae_config(shapes, name=name)
     if arch.kind == "sd2" and arch.prediction_type == "epsilon":
-        _update(folder / "unet" / "config.json", {"sample_size": 64})  # 2.x base and inpainting: 512 px
-        _update(folder / "vae" / "config.json", {"sample_size": 512})
+        unet["sample_size"], vae["sample_size"] = 64, 512  # 2.x base and inpainting: 512 px
+    _update(folder / "unet" / "config.json", unet)
+    _update(folder / "vae" / "config.json", vae)
+    _update(folder / "scheduler" / "scheduler_config.json", {"prediction_type": arch.prediction_type})
     if arch.inpainting:
         index = "StableDiffusionXLInpaintPipeline" if arch.kind == "sdxl" else "StableDiffusionInpaintPipeline"
         _update(folder / "model_index.json", {"_class_name": index})
@@ -215,13 +213,12 @@ def _vae_config(shapes: Shapes, *, name: str) -> dict[str, Any]:
 
 
 def _text_encoder_config(shapes: Shapes, prefix: str, layout: str, *, drop_last: bool, name: str) -> dict[str, Any]:
+    vocab, hidden = _shape(shapes, _token_embedding(prefix, layout), name)
     if layout == "hf":
-        vocab, hidden = _shape(shapes, prefix + "embeddings.token_embedding.weight", name)
         positions = _shape(shapes, prefix + "embeddings.position_embedding.weight", name)[0]
         layers = _count(shapes, prefix + "encoder.layers.")
         intermediate = _shape(shapes, prefix + "encoder.layers.0.mlp.fc1.weight", name)[0]
     else:
-        vocab, hidden = _shape(shapes, prefix + "token_embedding.weight", name)
         positions = _shape(shapes, prefix + "positional_embedding", name)[0]
         # SD 2.x uses the penultimate layer: its last resblock is in the file but never run.
         layers = _count(shapes, prefix + "transformer.resblocks.") - (1 if drop_last else 0)
@@ -237,6 +234,10 @@ def _text_encoder_config(shapes: Shapes, prefix: str, layout: str, *, drop_last:
     if layout == "openclip" and prefix + "text_projection" in shapes:
         config["projection_dim"] = _shape(shapes, prefix + "text_projection", name)[1]
     return config
+
+
+def _token_embedding(prefix: str, layout: str) -> str:
+    return prefix + ("embeddings.token_embedding.weight" if layout == "hf" else "token_embedding.weight")
 
 
 def _update(path: Path, values: dict[str, Any]) -> None:

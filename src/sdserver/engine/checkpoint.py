@@ -20,8 +20,6 @@ from safetensors.torch import load_file
 
 from sdserver.core.errors import ModelLoadError, UnsafeCheckpoint
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-
 Shapes = Mapping[str, tuple[int, ...]]
 
 
@@ -44,10 +42,6 @@ _ALLOWED_GLOBALS: list[Any] = [
     (_NUMPY_SCALAR, "numpy.core.multiarray.scalar"),  # the name numpy 1 wrote into older checkpoints
     _NUMPY_SCALAR,
 ]
-
-
-def is_single_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -32,9 +32,9 @@ from diffusers.loaders.single_file import load_single_file_sub_model
 
 from sdserver.core.errors import ModelLoadError, SDServerError, UnsupportedModel
 from sdserver.engine.architectures import Prediction, detect, write_config_folder
-from sdserver.engine.checkpoint import is_single_file, read_shapes, read_state_dict
+from sdserver.engine.checkpoint import read_shapes, read_state_dict
 from sdserver.engine.safety import SafetyChecker
-from sdserver.settings import DEMO_MODEL, is_hub_id
+from sdserver.settings import DEMO_MODEL, is_hub_id, is_single_file
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +199,12 @@ def _from_single_file(path: Path, dtype: torch.dtype, prediction_type: Predictio
     arch = detect(shapes, name=path.name, prediction_type=prediction_type or _sidecar_prediction(path))
     with tempfile.TemporaryDirectory(prefix="sdserver-config-") as tmp:
         folder = write_config_folder(arch, shapes, Path(tmp), name=path.name)
-        index = _read_json(folder / "model_index.json")
-        components = {
-            name: load_single_file_sub_model(
+        components = {}
+        for name, value in _read_json(folder / "model_index.json").items():
+            if not isinstance(value, list) or value[0] is None:
+                continue  # a setting, or a component single files do not have (the safety checker)
+            library, class_name = value
+            components[name] = load_single_file_sub_model(
                 library_name=library,
                 class_name=class_name,
                 name=name,
@@ -212,10 +215,6 @@ def _from_single_file(path: Path, dtype: torch.dtype, prediction_type: Predictio
                 local_files_only=True,
                 torch_dtype=dtype,
             )
-            for name, (library, class_name) in (
-                (key, value) for key, value in index.items() if isinstance(value, list) and value[0] is not None
-            )
-        }
     log.info("%s: %s%s, %s", path.name, arch.kind, " inpainting" if arch.inpainting else "", arch.prediction_type)
     if arch.kind == "sdxl":
         return StableDiffusionXLPipeline(**components)

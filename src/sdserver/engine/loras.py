@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,32 +29,31 @@ class LoraLibrary:
 
     def __init__(self, folder: str | None) -> None:
         self.folder = Path(folder).expanduser() if folder is not None else None
-        self._lock = threading.Lock()
-        self._files: dict[str, Path] = {}
+        self._files: dict[str, Path] = {}  # replaced whole by refresh(), never mutated: reads need no lock
         self.refresh()
 
     def refresh(self) -> list[str]:
         files = {}
         if self.folder is not None and self.folder.is_dir():
             files = {path.stem: path for path in sorted(self.folder.glob("*.safetensors"))}
-        with self._lock:
-            self._files = files
+        self._files = files
         return list(files)
 
     def names(self) -> list[str]:
-        with self._lock:
-            return list(self._files)
+        return list(self._files)
 
     def path(self, name: str) -> Path:
-        with self._lock:
-            found = self._files.get(name)
-        if found is None and name not in self.refresh():
-            if self.folder is None:
-                raise InvalidRequest(f"loras: no loras_dir is configured, so LoRA {name!r} is unknown", field="loras")
-            known = ", ".join(self.names()) or "none"
-            raise InvalidRequest(f"loras: no LoRA named {name!r} in loras_dir; available: {known}", field="loras")
-        with self._lock:
-            return self._files[name]
+        found = self._files.get(name) or self._files_after_refresh().get(name)  # a file added since the scan
+        if found is not None:
+            return found
+        if self.folder is None:
+            raise InvalidRequest(f"loras: no loras_dir is configured, so LoRA {name!r} is unknown", field="loras")
+        known = ", ".join(self.names()) or "none"
+        raise InvalidRequest(f"loras: no LoRA named {name!r} in loras_dir; available: {known}", field="loras")
+
+    def _files_after_refresh(self) -> dict[str, Path]:
+        self.refresh()
+        return self._files
 
     def check(self, refs: Sequence[LoraRef]) -> None:
         """Raise InvalidRequest naming the first LoRA that does not exist."""

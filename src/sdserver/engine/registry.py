@@ -32,13 +32,11 @@ from sdserver.core.errors import (
     NotFound,
     SDServerError,
     Unavailable,
-    UnsupportedModel,
 )
 from sdserver.engine.architectures import Prediction
-from sdserver.engine.checkpoint import SINGLE_FILE_SUFFIXES
 from sdserver.engine.device import free_device_memory, release_host_memory
 from sdserver.engine.loaders import Description, LoadedPipelines, describe_source, load_pipelines, resolve_source
-from sdserver.settings import DEFAULT_MODEL, DEMO_MODEL, Settings, is_url_safe
+from sdserver.settings import DEFAULT_MODEL, DEMO_MODEL, Settings, is_single_file, is_url_safe
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +107,7 @@ def _checked(spec: ModelSpec) -> ModelSpec:
         return spec  # a missing model fails when loaded, with the loader's advice (or the demo fallback)
     try:
         return replace(spec, description=_describe(spec.source, spec.prediction_type))
-    except UnsupportedModel as exc:
-        raise ConfigError(f"model {spec.name!r}: {exc.message}") from None
-    except ModelLoadError as exc:
+    except ModelLoadError as exc:  # UnsupportedModel included: a kind we cannot serve
         raise ConfigError(f"model {spec.name!r}: {exc.message}") from None
 
 
@@ -131,7 +127,7 @@ def scan_models_dir(folder: Path, taken: set[str]) -> list[ModelSpec]:
     specs = []
     for entry in sorted(folder.iterdir()):
         is_model_folder = entry.is_dir() and (entry / "model_index.json").is_file()
-        is_file = entry.is_file() and entry.suffix.lower() in SINGLE_FILE_SUFFIXES
+        is_file = is_single_file(entry)
         if not (is_model_folder or is_file):
             continue
         name = entry.name if is_model_folder else entry.stem
@@ -343,8 +339,7 @@ class Registry:
             return True
         if self.max_memory_bytes is None:
             return False
-        held = sum(self._sizes.get(name, 0) for name in self._loaded)
-        return held + incoming_bytes > self.max_memory_bytes
+        return self.loaded_bytes() + incoming_bytes > self.max_memory_bytes
 
     def _drop(self, name: str) -> None:
         """Forget a loaded model's pipelines (caller holds `_lock`; then call `_after_unload`)."""

@@ -184,10 +184,7 @@ def build_tiny_pipeline(
     faster); 2.x and XL always use CLIP's. SDXL has no safety checker slot, as the real one."""
     torch.manual_seed(seed)
     in_channels = 9 if inpainting else 4
-    scheduler_class = getattr(diffusers, _shipped_scheduler(arch)["_class_name"])
-    scheduler = scheduler_class.from_config(_shipped_scheduler(arch))
-    if arch == "sd2" and inpainting:
-        scheduler = scheduler_class.from_config(scheduler.config, prediction_type="epsilon")  # as 2.x inpainting
+    scheduler = _scheduler(arch, inpainting)
     if arch == "sd1" and not clip_vocab:
         tokenizer = write_byte_level_tokenizer(Path(_tmp_dir()) / "tokenizer")
     else:
@@ -221,10 +218,12 @@ def build_tiny_pipeline(
     )
 
 
-def _shipped_scheduler(arch: Arch) -> dict[str, Any]:
+def _scheduler(arch: Arch, inpainting: bool) -> Any:
+    """The shipped scheduler of `arch`; 2.x inpainting predicts epsilon, as the real one does."""
     path = architectures_root() / arch / "scheduler" / "scheduler_config.json"
-    config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return config
+    config = json.loads(path.read_text(encoding="utf-8"))
+    overrides = {"prediction_type": "epsilon"} if arch == "sd2" and inpainting else {}
+    return getattr(diffusers, config["_class_name"]).from_config(config, **overrides)
 
 
 def _tmp_dir() -> str:
