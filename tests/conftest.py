@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,12 +87,30 @@ def arch_model(models_root: Path) -> ArchModels:
     return build
 
 
+@pytest.fixture(scope="session")
+def family_model(
+    models_root: Path, tiny_model: Path, tiny_inpainting_model: Path, arch_model: ArchModels
+) -> Callable[[str], Path]:
+    """family_model("flux"): a tiny model folder of each family (sd1, sd1-inpainting, sdxl, sd3, flux,
+    flux-schnell, flux-fill), built on first use and shared by the session."""
+    built: dict[str, Path] = {"sd1": tiny_model, "sd1-inpainting": tiny_inpainting_model}
+
+    def build(arch: str) -> Path:
+        if arch not in built:
+            if arch == "sdxl":
+                built[arch] = arch_model("sdxl").folder
+            else:
+                built[arch] = make_tiny_model(models_root / "family" / arch, arch=arch, seed=200)  # type: ignore[arg-type]
+        return built[arch]
+
+    return build
+
+
 ClientFactory = Callable[..., TestClient]
 
 
-@pytest.fixture
-def make_client() -> Iterator[ClientFactory]:
-    """Start the real app (lifespan: model loading, worker) on the given settings."""
+@contextmanager
+def _client_factory() -> Iterator[ClientFactory]:
     clients: list[TestClient] = []
 
     def factory(**settings: Any) -> TestClient:
@@ -103,6 +122,20 @@ def make_client() -> Iterator[ClientFactory]:
     yield factory
     for client in clients:
         client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def make_client() -> Iterator[ClientFactory]:
+    """Start the real app (lifespan: model loading, worker) on the given settings."""
+    with _client_factory() as factory:
+        yield factory
+
+
+@pytest.fixture(scope="module")
+def make_module_client() -> Iterator[ClientFactory]:
+    """As make_client, for a client shared by a module's tests (models load once)."""
+    with _client_factory() as factory:
+        yield factory
 
 
 @pytest.fixture
@@ -145,9 +178,10 @@ def half_mask(size: int = SIZE) -> Image.Image:
     return mask
 
 
-class GatedPipeline:
-    """A spy around a real pipeline: records each call's prompts, can hold calls at a gate, and can
-    inject a fault for one prompt. The real pipeline still draws every image."""
+class GatedFamily:
+    """A spy around a loaded model's family (install it as `pipelines.family`): records the prompts of
+    each batch's first denoising step (one entry per image), can hold the denoiser at a gate, and can
+    inject a fault for one prompt. The real family still draws every image."""
 
     def __init__(self, real: Any) -> None:
         self.real = real
@@ -160,24 +194,34 @@ class GatedPipeline:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
 
-    def __call__(self, **kwargs: Any) -> Any:
-        self.calls.append(list(kwargs["prompt"]))
+    def forward(self, model: Any, states: Any, inputs: Any, timesteps: Any) -> Any:
+        if all(state.index == 0 for state in states):
+            self.calls.append([state.request.prompt for state in states for _ in range(state.rows)])
         self.entered.set()
         assert self.gate.wait(60), "gate never opened"
-        if self.fail_on is not None and self.fail_on in kwargs["prompt"]:
+        if self.fail_on is not None and any(self.fail_on in state.request.prompt for state in states):
             raise RuntimeError(f"injected fault for {self.fail_on!r}")
-        return self.real(**kwargs)
+        return self.real.forward(model, states, inputs, timesteps)
+
+
+@contextmanager
+def spying(client_app: Any, spy_type: Any = None, **options: Any) -> Iterator[Any]:
+    """Install a spy (GatedFamily by default) on the base model's family for the block."""
+    pipelines = client_app.state.engine.registry.get(None)
+    spy = (spy_type or GatedFamily)(pipelines.family, **options)
+    pipelines.family = spy
+    try:
+        yield spy
+    finally:
+        spy.gate.set()
+        pipelines.family = spy.real
 
 
 @pytest.fixture
-def gated(client: TestClient) -> Iterator[GatedPipeline]:
-    """The default client's txt2img pipeline, wrapped in a GatedPipeline."""
-    pipelines = client.app.state.engine.registry.get(None)  # type: ignore[attr-defined]
-    spy = GatedPipeline(pipelines.txt2img)
-    pipelines.txt2img = spy
-    yield spy
-    spy.gate.set()
-    pipelines.txt2img = spy.real
+def gated(client: TestClient) -> Iterator[GatedFamily]:
+    """The default client's base model, its family wrapped in a GatedFamily."""
+    with spying(client.app) as spy:
+        yield spy
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:

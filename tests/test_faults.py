@@ -15,24 +15,19 @@ import httpx
 import torch
 from fastapi.testclient import TestClient
 
-from tests.conftest import SIZE, STEPS, ClientFactory, GatedPipeline, wait_until
+from tests.conftest import SIZE, STEPS, ClientFactory, GatedFamily, spying, wait_until
 from tests.test_cli import free_port, wait_for_ping
 
 TXT2IMG = {"prompt": "x", "width": SIZE, "height": SIZE, "num_inference_steps": STEPS}
 
 
 def test_out_of_memory_is_503_and_the_next_request_works(client: TestClient) -> None:
-    pipelines = client.app.state.engine.registry.get(None)  # type: ignore[attr-defined]
-    real = pipelines.txt2img
+    class OutOfMemoryFamily(GatedFamily):
+        def forward(self, *args: Any) -> Any:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    def out_of_memory(**kwargs: Any) -> Any:
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    pipelines.txt2img = out_of_memory
-    try:
+    with spying(client.app, OutOfMemoryFamily):
         response = client.post("/txt2img", data=TXT2IMG)
-    finally:
-        pipelines.txt2img = real
     assert response.status_code == 503 and "ran out of memory" in response.json()["message"]
     assert client.post("/txt2img", data=TXT2IMG).status_code == 200
 
@@ -41,12 +36,9 @@ def test_a_hung_pipeline_times_out_the_queue_and_health_still_answers(
     make_client: ClientFactory, tiny_model: Path
 ) -> None:
     client = make_client(model=str(tiny_model), queue_timeout=0.5, max_queue=50)
-    pipelines = client.app.state.engine.registry.get(None)  # type: ignore[attr-defined]
-    spy = GatedPipeline(pipelines.txt2img)
-    pipelines.txt2img = spy
-    spy.gate.clear()  # the pipeline hangs until the test lets it go
     statuses: list[int] = []
-    try:
+    with spying(client.app) as spy:
+        spy.gate.clear()  # the denoiser hangs until the test lets it go
         client.post("/v1/jobs", json={"prompt": "hangs", "width": SIZE, "height": SIZE, "steps": STEPS})
         assert spy.entered.wait(30)
         threads = [
@@ -58,8 +50,6 @@ def test_a_hung_pipeline_times_out_the_queue_and_health_still_answers(
         wait_until(lambda: client.app.state.scheduler.queue_depth == 5)  # type: ignore[attr-defined]
         assert client.get("/health").status_code == 200
         threading.Event().wait(0.6)  # past every queued request's deadline
-    finally:
-        spy.gate.set()
     for thread in threads:
         thread.join(30)
     assert statuses == [504] * 5

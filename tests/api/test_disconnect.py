@@ -11,7 +11,7 @@ import pytest
 
 from sdserver.core.types import GenerationRequest
 from sdserver.service.jobs import Job, JobStatus
-from tests.conftest import SIZE, GatedPipeline, LiveServer, wait_until
+from tests.conftest import SIZE, LiveServer, spying, wait_until
 
 
 class HangingUpServer(LiveServer):
@@ -41,18 +41,13 @@ def live(tiny_model: Path) -> Iterator[HangingUpServer]:
 
 
 def test_hanging_up_while_queued_removes_the_request(live: HangingUpServer) -> None:
-    pipelines = live.app.state.engine.registry.get(None)
-    spy = GatedPipeline(pipelines.txt2img)
-    pipelines.txt2img = spy
-    spy.gate.clear()
-    try:
+    with spying(live.app) as spy:
+        spy.gate.clear()
         blocker = live.scheduler.submit(GenerationRequest(prompt="blocker", width=SIZE, height=SIZE, steps=2))
         assert spy.entered.wait(30)
         fields = {"prompt": "abandoned", "width": SIZE, "height": SIZE}
         job = live.post_and_hang_up("/txt2img", fields, until=lambda job: job.status is JobStatus.QUEUED)
         wait_until(lambda: job.status is JobStatus.CANCELLED)
-    finally:
-        spy.gate.set()
     blocker.wait(30)
     assert all("abandoned" not in call for call in spy.calls)
 

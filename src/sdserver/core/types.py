@@ -140,8 +140,8 @@ class GenerationRequest(BaseModel):
     negative_prompt: str | None = None
     num_images: int = Field(default=1, ge=1)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)  # None: pick a random one
-    steps: int = Field(default=50, ge=1)
-    guidance_scale: float = Field(default=7.5, ge=0.0, le=100.0, allow_inf_nan=False)
+    steps: int | None = Field(default=None, ge=1)  # None: the model's default (engine/families)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=100.0, allow_inf_nan=False)  # None: the model's
     eta: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     width: int | None = Field(default=None, ge=8, le=8192)  # None: the model's native size
     height: int | None = Field(default=None, ge=8, le=8192)
@@ -185,7 +185,7 @@ class GenerationRequest(BaseModel):
             ("steps", self.steps, limits.max_steps),
             ("guidance_scale", self.guidance_scale, limits.max_guidance),
         ):
-            if value > limit:
+            if value is not None and value > limit:
                 raise _field_error(name, value, f"is over the limit of {limit}")
         for name in ("prompt", "negative_prompt"):
             length = len(getattr(self, name) or "")
@@ -202,10 +202,9 @@ class GenerationRequest(BaseModel):
             raise _field_error("init_image", None, f"is required for {self.task.value}")
         if self.task is Task.INPAINT and self.mask_image is None:
             raise _field_error("mask_image", None, "is required for inpaint")
-        if self.task is not Task.TXT2IMG and int(self.steps * self.strength) < 1:
-            # img2img runs steps * strength denoising steps; zero would change nothing (and crash diffusers)
-            reason = f"x steps {self.steps} gives no denoising step; raise strength or steps"
-            raise _field_error("strength", self.strength, reason)
+        problem = strength_problem(self.task, self.steps, self.strength)
+        if problem is not None:
+            raise _field_error("strength", self.strength, problem)
         return self
 
     def with_seed(self) -> GenerationRequest:
@@ -219,6 +218,24 @@ class GenerationRequest(BaseModel):
         if self.seed is None:
             raise RuntimeError("seeds are only known after with_seed()")
         return [self.seed + i for i in range(self.num_images)]
+
+
+class PreparedRequest(GenerationRequest):
+    """A request completed by the engine for its model (`Engine.prepare`): the model named, the size,
+    steps and guidance filled in with the model's own where the client gave none."""
+
+    model: str
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+
+
+def strength_problem(task: Task, steps: int | None, strength: float) -> str | None:
+    """img2img runs steps x strength denoising steps; zero would change nothing (and crash diffusers)."""
+    if task is not Task.TXT2IMG and steps is not None and int(steps * strength) < 1:
+        return f"x steps {steps} gives no denoising step; raise strength or steps"
+    return None
 
 
 class _FieldError(ValueError):

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from PIL import Image
 
-from sdserver import metadata
-from sdserver.core.errors import Cancelled, GenerationError, InvalidRequest, OutOfMemory, SDServerError
-from sdserver.core.types import GeneratedImage, GenerationRequest
-from sdserver.engine.device import device_memory, free_device_memory, is_out_of_memory, pick_device, pick_dtype
+from sdserver.core.errors import Cancelled, InvalidRequest
+from sdserver.core.types import GeneratedImage, GenerationRequest, LoraRef, PreparedRequest, strength_problem
+from sdserver.engine.device import device_memory, pick_device, pick_dtype
 from sdserver.engine.loaders import LoadedPipelines
 from sdserver.engine.loras import LoraLibrary, applied
 from sdserver.engine.registry import ModelSpec, Registry, specs_from_settings
-from sdserver.engine.runner import StepCallback, run_batch
-from sdserver.engine.samplers import sampler_label
+from sdserver.engine.session import Session, failures
 from sdserver.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# (steps done, total steps, previews): may raise to stop the run; previews() gives one small image per
+# output image of the batch, computed only if called.
+StepCallback = Callable[[int, int, Callable[[], list[Image.Image]]], None]
 
 
 class Engine:
@@ -74,68 +77,80 @@ class Engine:
     def models(self) -> list[ModelSpec]:
         return [self.registry.spec(name) for name in self.registry.names()]
 
-    def prepare(self, request: GenerationRequest) -> GenerationRequest:
-        """Check the request against its model and fill what the model decides (name, size)."""
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Check the request against its model and fill what the model decides: its name, the size,
+        the steps and the guidance scale when the client gave none."""
         spec = self.registry.spec(request.model)
         self.loras.check(request.loras)
-        update: dict[str, object] = {"model": spec.name}
-        if request.clip_skip is not None:
-            layers = int(self.registry.get(spec.name).txt2img.text_encoder.config.num_hidden_layers)
-            if request.clip_skip > layers:
-                reason = f"must be at most {layers} (the CLIP layers of model {spec.name!r})"
-                raise InvalidRequest(f"clip_skip: {reason}, got {request.clip_skip}", field="clip_skip")
+        model = self.registry.get(spec.name)
+        check_options(model, request)
+        values = dict(request)
+        steps = request.steps or model.default_steps
+        problem = strength_problem(request.task, steps, request.strength)
+        if problem is not None:
+            raise InvalidRequest(f"strength: {problem}, got {request.strength}", field="strength")
+        values.update(model=spec.name, steps=steps)
+        if request.guidance_scale is None:
+            values["guidance_scale"] = model.default_guidance
         if request.init_image is not None:
             init = _fit_to_multiple(request.init_image, 8)
-            update.update(init_image=init, width=init.width, height=init.height)
+            values.update(init_image=init, width=init.width, height=init.height)
             if request.mask_image is not None:
-                update["mask_image"] = request.mask_image.convert("L").resize(init.size, Image.Resampling.LANCZOS)
+                values["mask_image"] = request.mask_image.convert("L").resize(init.size, Image.Resampling.LANCZOS)
         else:
-            native = self.registry.get(spec.name).native_size
-            update.update(width=request.width or native, height=request.height or native)
-        return request.model_copy(update=update)
+            values.update(width=request.width or model.native_size, height=request.height or model.native_size)
+        return PreparedRequest.model_construct(**values)
+
+    @contextmanager
+    def session(self, name: str, loras: Sequence[LoraRef] = ()) -> Iterator[Session]:
+        """Generations on model `name` with `loras` active: the model is not unloaded meanwhile, and
+        afterwards every LoRA is off again."""
+        with (
+            self.registry.use(name) as model,
+            failures(self.registry.device),
+            applied(self.loras, model, loras),
+        ):
+            yield Session(model, name, self.model_hash)
 
     def run(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[GeneratedImage]]:
-        """Run prepared, compatible requests as one pipeline call."""
-        try:
-            with self.registry.use(requests[0].model) as model:  # not unloaded while the batch runs
-                with applied(self.loras, model, requests[0].loras):  # the batch key includes the LoRAs
-                    outputs = run_batch(model, requests, on_step)
-                self._describe(model, requests, outputs)
-                return outputs
-        except SDServerError:
-            raise  # e.g. Cancelled raised by on_step
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                free_device_memory(self.registry.device)
-                raise OutOfMemory(
-                    f"the {self.registry.device.type} device ran out of memory; try fewer or smaller images"
-                ) from exc
-            log.exception("generation failed")
-            raise GenerationError(f"generation failed: {type(exc).__name__}: {exc}") from exc
+        """Run prepared requests (one model, one LoRA set) together, a denoising step at a time;
+        `on_step` may raise (Cancelled) to stop."""
+        prepared = [r if isinstance(r, PreparedRequest) else self.prepare(r) for r in requests]
+        first = prepared[0]
+        with self.session(first.model, first.loras) as session:
+            states = [session.admit(request) for request in prepared]
+            total = max(state.total for state in states)
+            for done in range(1, total + 1):
+                session.step([state for state in states if not state.done])
+                on_step(done, total, lambda: [image for state in states for image in session.previews(state)])
+            return session.finish(states)
 
     def model_hash(self, name: str | None) -> str | None:
-        """sha256 (hex) of the model's UNet weights, computed when it was first loaded (not per request);
-        None for a model never loaded: asking never loads one."""
+        """sha256 (hex) of the model's denoiser weights, computed when it was first loaded (not per
+        request); None for a model never loaded: asking never loads one."""
         return self.registry.weights_hash(name)
 
-    def _describe(
-        self, model: LoadedPipelines, requests: Sequence[GenerationRequest], outputs: list[list[GeneratedImage]]
-    ) -> None:
-        """Attach each image's generation parameters (the PNG metadata) to it."""
-        for request, images in zip(requests, outputs, strict=True):
-            name = request.model or self.registry.base_name
-            sampler = sampler_label(request.sampler, model.txt2img.scheduler)
-            for out in images:
-                params = metadata.parameters_for(
-                    request,
-                    seed=out.seed,
-                    width=out.image.width,
-                    height=out.image.height,
-                    model=name,
-                    model_hash=self.model_hash(name),
-                    sampler=sampler,
-                )
-                metadata.attach(out.image, params)
+
+def check_options(model: LoadedPipelines, request: GenerationRequest) -> None:
+    """Refuse, by field, what the model's family cannot honour."""
+    family, kind = model.family, model.description.kind
+    if request.sampler is not None and request.sampler not in family.samplers:
+        valid = ", ".join(family.samplers)
+        raise InvalidRequest(
+            f"sampler: {request.sampler!r} does not apply to {kind} models; valid: {valid}", field="sampler"
+        )
+    if request.negative_prompt and not family.options.negative_prompt:
+        reason = f"{kind} models are guidance-distilled and take no negative prompt"
+        raise InvalidRequest(f"negative_prompt: {reason}; leave it empty", field="negative_prompt")
+    if request.eta and not family.options.eta:
+        raise InvalidRequest(f"eta: {kind} models' samplers take no eta, got {request.eta}", field="eta")
+    if request.clip_skip is not None:
+        if not family.options.clip_skip:
+            raise InvalidRequest(f"clip_skip: does not apply to {kind} models", field="clip_skip")
+        layers = int(model.txt2img.text_encoder.config.num_hidden_layers)
+        if request.clip_skip > layers:
+            reason = f"must be at most {layers} (the CLIP layers of model {request.model or 'the base model'!r})"
+            raise InvalidRequest(f"clip_skip: {reason}, got {request.clip_skip}", field="clip_skip")
 
 
 def _fit_to_multiple(image: Image.Image, multiple: int) -> Image.Image:

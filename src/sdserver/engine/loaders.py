@@ -20,19 +20,15 @@ from typing import Any, Literal
 import diffusers
 import torch
 import yaml
-from diffusers import (
-    AutoPipelineForImage2Image,
-    AutoPipelineForInpainting,
-    AutoPipelineForText2Image,
-    DiffusionPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-)
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.loaders.single_file import load_single_file_sub_model
 
 from sdserver.core.errors import ModelLoadError, SDServerError, UnsupportedModel
+from sdserver.engine import families
 from sdserver.engine.architectures import Prediction, detect, write_config_folder
 from sdserver.engine.checkpoint import read_shapes, read_state_dict
+from sdserver.engine.families import Family
+from sdserver.engine.families.base import Description
 from sdserver.engine.safety import SafetyChecker
 from sdserver.settings import DEMO_MODEL, is_hub_id, is_single_file
 
@@ -51,45 +47,39 @@ class _EmptyFp32Warning(logging.Filter):
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32Warning())
 
 Form = Literal["folder", "file", "hub"]
-# diffusers pipeline classes whose folders we serve (img2img/inpaint folders hold the same parts).
-_SERVED = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionImg2ImgPipeline": "sd",
-    "StableDiffusionInpaintPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusionXLImg2ImgPipeline": "sdxl",
-    "StableDiffusionXLInpaintPipeline": "sdxl",
-}
 
 
 def demo_model_path() -> Path:
     return Path(str(resources.files("sdserver") / "assets" / "demo"))
 
 
-@dataclass(frozen=True)
-class Description:
-    """What a model is, as far as can be told without loading its weights."""
-
-    kind: str  # sd1, sd2, sdxl; "unknown" for a hub model not yet loaded
-    inpainting: bool | None
-
-
 @dataclass
 class LoadedPipelines:
+    """A loaded model: its family, and the pipelines (sharing one set of weights) whose helpers the
+    family's generation calls use."""
+
     # diffusers pipelines (typed Any: their classes are not precisely typed)
     txt2img: Any
     img2img: Any
     inpaint: Any
+    family: Family
     checker: SafetyChecker | None  # own or borrowed from the base model; None: images are not checked
     description: Description
     native_size: int
-    weights_hash: str  # sha256 of the UNet weights: the "model hash" in image metadata
+    weights_hash: str  # sha256 of the denoiser's weights: the "model hash" in image metadata
     memory_bytes: int  # parameters and buffers of this model's own components
+    default_steps: int = 50  # what a request that names none gets (the family's, e.g. FLUX schnell: 4)
+    default_guidance: float = 7.5
 
     @property
     def inpainting_unet(self) -> bool:
-        """A dedicated 9-channel inpainting model serves every task through `inpaint`."""
+        """A dedicated inpainting model (its denoiser takes the mask) serves every task as inpainting."""
         return bool(self.description.inpainting)
+
+    @property
+    def device(self) -> torch.device:
+        device: torch.device = self.txt2img.device
+        return device
 
 
 def resolve_source(source: str) -> tuple[str, Form]:
@@ -126,17 +116,10 @@ def describe_source(source: str, prediction_type: Prediction | None = None) -> D
         return Description(arch.kind, arch.inpainting)
     folder = Path(location)
     index = _read_json(folder / "model_index.json")
-    family = _SERVED.get(str(index.get("_class_name")))
+    family = families.for_pipeline_class(str(index.get("_class_name")))
     if family is None:
-        raise UnsupportedModel(
-            f"{source} is a {index.get('_class_name')}; sdserver serves Stable Diffusion 1.x, 2.x and XL pipelines"
-        )
-    if index.get("text_encoder", [None])[0] is None:
-        raise UnsupportedModel(f"{source} has no first text encoder (an SDXL refiner?): it cannot serve txt2img")
-    unet = _read_json(folder / "unet" / "config.json", required=False)
-    encoder = _read_json(folder / "text_encoder" / "config.json", required=False)
-    inpainting = unet.get("in_channels") == 9 if isinstance(unet.get("in_channels"), int) else None
-    return Description(_kind(family, encoder.get("hidden_act")), inpainting)
+        raise UnsupportedModel(f"{source} is a {index.get('_class_name')}; sdserver serves {families.served_names()}")
+    return family.describe_index(index, folder, source)
 
 
 def load_pipelines(
@@ -159,36 +142,32 @@ def load_pipelines(
         raise
     except Exception as exc:  # diffusers raises many kinds (OSError, ValueError, hub errors)
         raise ModelLoadError(_load_failure(source, form == "hub", exc)) from exc
-    family = _SERVED.get(type(pipe).__name__)
-    if family is None or getattr(pipe, "text_encoder", None) is None:
+    family = families.for_pipeline(pipe)
+    if family is None:
         raise UnsupportedModel(
-            f"model {source!r} is a {type(pipe).__name__} without the parts of a Stable Diffusion 1.x, 2.x or XL model"
+            f"model {source!r} is a {type(pipe).__name__}; sdserver serves {families.served_names()}"
         )
+    family.check(pipe, source)
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     checker = SafetyChecker.of(pipe) or (checker_from.checker if checker_from is not None else None)
-    no_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    txt2img = AutoPipelineForText2Image.from_pipe(pipe, **(no_checker if "safety_checker" in pipe.components else {}))
     if checker is not None and checker_from is None:
         checker.model.to(device)
-    if txt2img.device != device:  # (diffusers warns on every .to(), needed or not)
-        txt2img = txt2img.to(device)
-    img2img = AutoPipelineForImage2Image.from_pipe(txt2img)
-    inpaint = AutoPipelineForInpainting.from_pipe(txt2img)
-    for pipeline in (txt2img, img2img, inpaint):
-        pipeline.set_progress_bar_config(disable=True)
-    unet = txt2img.unet
+    txt2img, img2img, inpaint = family.pipelines(pipe, device)
+    denoiser = family.denoiser(txt2img)
+    steps, guidance = family.defaults(txt2img)
     return LoadedPipelines(
         txt2img=txt2img,
         img2img=img2img,
         inpaint=inpaint,
+        family=family,
         checker=checker,
-        description=Description(
-            _kind(family, txt2img.text_encoder.config.hidden_act), int(unet.config.in_channels) == 9
-        ),
-        native_size=int(unet.config.sample_size) * int(txt2img.vae_scale_factor),
-        weights_hash=weights_hash(unet),
+        description=Description(family.kind_of(txt2img), family.is_inpainting(txt2img)),
+        native_size=family.native_size(txt2img),
+        weights_hash=weights_hash(denoiser),
         memory_bytes=_memory_bytes(txt2img, checker if checker_from is None else None),
+        default_steps=steps,
+        default_guidance=guidance,
     )
 
 
@@ -234,12 +213,6 @@ def _sidecar_prediction(path: Path) -> Prediction | None:
     except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"cannot read {yaml_path.name} (the config beside {path.name}): {exc}") from None
     return "v_prediction" if isinstance(params, dict) and params.get("parameterization") == "v" else "epsilon"
-
-
-def _kind(family: str, hidden_act: Any) -> str:
-    if family == "sdxl":
-        return "sdxl"
-    return "sd2" if hidden_act == "gelu" else "sd1"  # OpenCLIP (2.x) uses gelu, OpenAI CLIP (1.x) quick_gelu
 
 
 def _memory_bytes(pipe: Any, checker: SafetyChecker | None) -> int:

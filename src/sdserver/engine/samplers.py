@@ -7,8 +7,6 @@ torch; this module knows which diffusers class and options each name means. "DPM
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +17,7 @@ import diffusers
 class SamplerSpec:
     scheduler: str  # a diffusers scheduler class name
     options: dict[str, Any] = field(default_factory=dict)
+    flow: bool = False  # a multistep solver run on a flow-matching model's sigmas (SD3, FLUX)
 
 
 _KARRAS = {"use_karras_sigmas": True}
@@ -46,20 +45,46 @@ SAMPLERS: dict[str, SamplerSpec] = {
 }
 
 
-def make_scheduler(name: str, config: Any) -> Any:
-    """A fresh diffusers scheduler for sampler `name`, from a model's scheduler config."""
-    spec = SAMPLERS[name]
+# Flow-matching families (SD3, FLUX): their own Euler, and the solvers diffusers runs on flow sigmas.
+FLOW_SAMPLERS: dict[str, SamplerSpec] = {
+    "Euler": SamplerSpec("FlowMatchEulerDiscreteScheduler"),
+    "Euler a": SamplerSpec("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
+    "DPM++ 2M": SamplerSpec("DPMSolverMultistepScheduler", flow=True),
+    "UniPC": SamplerSpec("UniPCMultistepScheduler", flow=True),
+}
+
+
+def make_scheduler(name: str, config: Any, table: dict[str, SamplerSpec] | None = None) -> Any:
+    """A fresh diffusers scheduler for sampler `name` (from `table`, SD's by default), from a model's config."""
+    spec = (table or SAMPLERS)[name]
     cls = getattr(diffusers, spec.scheduler)
-    return cls.from_config(config, **spec.options)
+    options = dict(spec.options)
+    if spec.flow:  # the flow model's shift, carried over to the solver's flow sigmas
+        options.update(
+            use_flow_sigmas=True,
+            prediction_type="flow_prediction",
+            flow_shift=float(config.get("shift", 1.0)),
+            use_dynamic_shifting=bool(config.get("use_dynamic_shifting", False)),
+            time_shift_type=config.get("time_shift_type", "exponential"),
+        )
+    return cls.from_config(config, **options)
 
 
-def sampler_label(name: str | None, scheduler: Any) -> str:
+def scheduler_for(name: str | None, scheduler: Any, table: dict[str, SamplerSpec] | None = None) -> Any:
+    """A fresh scheduler instance for one request: sampler `name`, or (None) the model's own scheduler.
+    Schedulers keep per-run state (step index, multistep history), so requests never share one."""
+    if name is None:
+        return type(scheduler).from_config(scheduler.config)
+    return make_scheduler(name, scheduler.config, table)
+
+
+def sampler_label(name: str | None, scheduler: Any, table: dict[str, SamplerSpec] | None = None) -> str:
     """The A1111 name to report: the requested one, else the name matching the model's own scheduler."""
     if name is not None:
         return name
     karras = bool(getattr(scheduler.config, "use_karras_sigmas", False))
     algorithm = getattr(scheduler.config, "algorithm_type", None)
-    for label, spec in SAMPLERS.items():
+    for label, spec in (table or SAMPLERS).items():
         if spec.scheduler != type(scheduler).__name__:
             continue
         if bool(spec.options.get("use_karras_sigmas")) == karras and spec.options.get("algorithm_type") in (
@@ -68,21 +93,3 @@ def sampler_label(name: str | None, scheduler: Any) -> str:
         ):
             return label
     return type(scheduler).__name__
-
-
-@contextmanager
-def using_sampler(pipe: Any, name: str | None) -> Iterator[None]:
-    """Run `pipe` with sampler `name` (None: its own scheduler), then put its own scheduler back.
-
-    Only the worker thread calls pipelines, so swapping the attribute for one call is safe; the
-    model's pristine scheduler (and config) is never modified.
-    """
-    if name is None:
-        yield
-        return
-    original = pipe.scheduler
-    pipe.scheduler = make_scheduler(name, original.config)
-    try:
-        yield
-    finally:
-        pipe.scheduler = original

@@ -17,7 +17,7 @@ import pytest
 import webuiapi
 from PIL import Image
 
-from tests.conftest import SIZE, STEPS, GatedPipeline, LiveServer, half_mask, pixels, scene, wait_until
+from tests.conftest import SIZE, STEPS, GatedFamily, LiveServer, half_mask, pixels, scene, spying, wait_until
 
 FAST: dict[str, Any] = {"steps": STEPS, "width": SIZE, "height": SIZE}
 
@@ -42,8 +42,8 @@ def info_of(result: webuiapi.WebUIApiResult) -> dict[str, Any]:
     return result.info
 
 
-class SteppedPipeline(GatedPipeline):
-    """A spy that holds the real pipeline after the given denoising steps until released."""
+class SteppedFamily(GatedFamily):
+    """A spy that holds the denoiser once the given numbers of steps are done, until released."""
 
     def __init__(self, real: Any, hold_after: set[int]) -> None:
         super().__init__(real)
@@ -52,20 +52,14 @@ class SteppedPipeline(GatedPipeline):
         self.release = threading.Event()
         self.holds: list[int] = []
 
-    def __call__(self, **kwargs: Any) -> Any:
-        inner = kwargs["callback_on_step_end"]
-
-        def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            out: dict[str, Any] = inner(pipe, step, timestep, tensors)
-            if step + 1 in self.hold_after:
-                self.holds.append(step + 1)
-                self.release.clear()
-                self.holding.set()
-                assert self.release.wait(60), "never released"
-            return out
-
-        kwargs["callback_on_step_end"] = step_end
-        return super().__call__(**kwargs)
+    def forward(self, model: Any, states: Any, inputs: Any, timesteps: Any) -> Any:
+        done = states[0].index
+        if done in self.hold_after:
+            self.holds.append(done)
+            self.release.clear()
+            self.holding.set()
+            assert self.release.wait(60), "never released"
+        return super().forward(model, states, inputs, timesteps)
 
 
 class TestTxt2Img:
@@ -240,11 +234,8 @@ def test_png_info_reads_the_parameters_back(live: Live) -> None:
 
 
 def test_progress_preview_and_interrupt(live: Live) -> None:
-    pipelines = live.app.state.engine.registry.get(None)
-    spy = SteppedPipeline(pipelines.txt2img, hold_after={2, 3})
-    pipelines.txt2img = spy
     outcome: dict[str, Any] = {}
-    try:
+    with spying(live.app, SteppedFamily, hold_after={2, 3}) as spy:
         idle = live.api.get_progress()
         assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
         worker = threading.Thread(
@@ -268,9 +259,7 @@ def test_progress_preview_and_interrupt(live: Live) -> None:
         assert live.api.get_progress()["state"]["interrupted"] is True
         spy.release.set()
         worker.join(60)
-    finally:
         spy.release.set()
-        pipelines.txt2img = spy.real
     result = outcome["result"]
     assert result.images == [] and info_of(result)["interrupted"] is True
     assert spy.holds == [2, 3]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import SIZE, STEPS, ClientFactory, GatedPipeline, decode_png, max_pixel_diff, wait_until
+from tests.conftest import SIZE, STEPS, ClientFactory, GatedFamily, decode_png, max_pixel_diff, wait_until
 
 JOB = {"prompt": "a red circle", "width": SIZE, "height": SIZE, "steps": STEPS}
 
@@ -86,7 +86,7 @@ def test_events_of_a_finished_job_give_the_result_at_once(client: TestClient) ->
     assert [name for name, _ in events(client, created["id"])] == ["status", "succeeded"]
 
 
-def test_cancel_a_queued_job(client: TestClient, gated: GatedPipeline) -> None:
+def test_cancel_a_queued_job(client: TestClient, gated: GatedFamily) -> None:
     gated.gate.clear()
     blocker = submit(client, prompt="blocker")
     assert gated.entered.wait(30)
@@ -107,7 +107,7 @@ def test_cancel_a_running_job_stops_within_a_step(client: TestClient) -> None:
     assert job["progress"]["step"] <= step_at_cancel + 1 < job["progress"]["total"]
 
 
-def test_batched_jobs_match_their_solo_results(client: TestClient, gated: GatedPipeline) -> None:
+def test_batched_jobs_match_their_solo_results(client: TestClient, gated: GatedFamily) -> None:
     specs = [{"prompt": f"prompt {i}", "seed": 100 + i, "num_images": 1 + i % 2} for i in range(4)]
     solo = [finished(client, submit(client, **spec)["id"])["images"] for spec in specs]
     gated.calls.clear()
@@ -125,7 +125,7 @@ def test_batched_jobs_match_their_solo_results(client: TestClient, gated: GatedP
             assert max_pixel_diff(decode_png(a["base64"]), decode_png(b["base64"])) <= 2
 
 
-def test_a_failing_request_does_not_fail_its_batch_neighbours(client: TestClient, gated: GatedPipeline) -> None:
+def test_a_failing_request_does_not_fail_its_batch_neighbours(client: TestClient, gated: GatedFamily) -> None:
     gated.gate.clear()
     blocker = submit(client, prompt="blocker", steps=STEPS + 1)
     assert gated.entered.wait(30)
@@ -141,7 +141,7 @@ def test_a_failing_request_does_not_fail_its_batch_neighbours(client: TestClient
 def test_full_queue_is_429_with_retry_after(make_client: ClientFactory, tiny_model: Path) -> None:
     client = make_client(model=str(tiny_model), max_queue=1)
     pipelines = client.app.state.engine.registry.get(None)  # type: ignore[attr-defined]
-    spy = GatedPipeline(pipelines.txt2img)
+    spy = GatedFamily(pipelines.txt2img)
     pipelines.txt2img = spy
     spy.gate.clear()
     try:
@@ -161,7 +161,7 @@ def test_full_queue_is_429_with_retry_after(make_client: ClientFactory, tiny_mod
 def test_request_past_its_deadline_is_504_and_never_runs(make_client: ClientFactory, tiny_model: Path) -> None:
     client = make_client(model=str(tiny_model), queue_timeout=0.3)
     pipelines = client.app.state.engine.registry.get(None)  # type: ignore[attr-defined]
-    spy = GatedPipeline(pipelines.txt2img)
+    spy = GatedFamily(pipelines.txt2img)
     pipelines.txt2img = spy
     spy.gate.clear()
     responses: list[Any] = []

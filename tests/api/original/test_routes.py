@@ -17,12 +17,14 @@ from tests.conftest import (
     SIZE,
     STEPS,
     ClientFactory,
+    GatedFamily,
     decode_png,
     half_mask,
     max_pixel_diff,
     pixels,
     png_b64,
     scene,
+    spying,
 )
 
 TXT2IMG = {"prompt": "a red circle", "width": SIZE, "height": SIZE, "num_inference_steps": STEPS}
@@ -105,25 +107,17 @@ class TestTxt2Img:
         (replay,) = ok(post(client, "/txt2img", **TXT2IMG, seed=first["seed"]))
         assert replay["base64"] == first["base64"]
 
-    def test_num_outputs_is_one_pipeline_call(self, client: TestClient) -> None:
-        pipelines = client.app.state.engine.registry.get(None)  # type: ignore[attr-defined]
-        calls: list[int] = []
-        real = pipelines.txt2img
+    def test_num_outputs_run_as_one_batch(self, client: TestClient) -> None:
+        rows: list[int] = []
 
-        class Spy:
-            def __getattr__(self, name: str) -> Any:
-                return getattr(real, name)
+        class Spy(GatedFamily):
+            def forward(self, model: Any, states: Any, inputs: Any, timesteps: Any) -> Any:
+                rows.append(int(inputs.shape[0]))
+                return super().forward(model, states, inputs, timesteps)
 
-            def __call__(self, **kwargs: Any) -> Any:
-                calls.append(len(kwargs["prompt"]))
-                return real(**kwargs)
-
-        pipelines.txt2img = Spy()
-        try:
+        with spying(client.app, Spy):
             assert len(ok(post(client, "/txt2img", **TXT2IMG, num_outputs=4))) == 4
-        finally:
-            pipelines.txt2img = real
-        assert calls == [4]
+        assert len(rows) >= STEPS and set(rows) == {2 * 4}  # every step: the 4 images, with and without guidance
 
     def test_json_body(self, client: TestClient) -> None:
         response = client.post("/txt2img", json={**TXT2IMG, "seed": 3, "num_outputs": 2})

@@ -1,0 +1,261 @@
+"""FLUX.1 (dev, schnell, Fill): an MMDiT transformer over 16-channel latents packed into 2x2 patches,
+CLIP-L (pooled) + T5 text encoders, flow matching with a resolution-dependent shift.
+
+Guidance: dev is guidance-distilled (`guidance_scale` feeds its guidance embedding, per row; there is
+no negative branch, so a negative prompt is refused by name); schnell takes no guidance at all.
+FLUX.1 Fill is the inpainting model: its transformer takes the masked image and the mask as input, and
+it serves txt2img (a full mask over grey) and img2img (a full mask) too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from PIL import Image
+
+from sdserver.core.types import PreparedRequest, Task
+from sdserver.engine.families.base import (
+    NO_CHECKER,
+    Conditioning,
+    Description,
+    Family,
+    Options,
+    State,
+    bound,
+    generators,
+    latent_rgb,
+    stacked,
+    step_kwargs,
+)
+from sdserver.engine.families.sd import _inpaint_inputs, _json, _postprocess
+from sdserver.engine.families.sd3 import SD3_LATENT_RGB
+from sdserver.engine.samplers import FLOW_SAMPLERS, scheduler_for
+
+if TYPE_CHECKING:
+    from sdserver.engine.loaders import LoadedPipelines
+
+FILL_PIPELINE = "FluxFillPipeline"
+
+
+class Flux(Family):
+    name = "flux"
+    kinds: ClassVar[tuple[str, ...]] = ("flux",)
+    pipeline_classes: ClassVar[tuple[str, ...]] = (
+        "FluxPipeline",
+        "FluxImg2ImgPipeline",
+        "FluxInpaintPipeline",
+        FILL_PIPELINE,
+    )
+    options = Options(negative_prompt=False, guidance="distilled", eta=False, clip_skip=False)
+    default_steps = 28
+    default_guidance = 3.5
+    latent_channels = 16
+    samplers = FLOW_SAMPLERS
+    preview_factors = SD3_LATENT_RGB  # the same 16-channel VAE family; approximate colours suffice
+
+    def describe_index(self, index: dict[str, Any], folder: Path, source: str) -> Description:
+        fill = index.get("_class_name") == FILL_PIPELINE
+        if not fill:  # a Fill transformer may sit in a plain FluxPipeline folder
+            channels = _json(folder / "transformer" / "config.json").get("in_channels")
+            fill = isinstance(channels, int) and channels > 64
+        return Description("flux", fill)
+
+    def denoiser(self, pipe: Any) -> torch.nn.Module:
+        transformer: torch.nn.Module = pipe.transformer
+        return transformer
+
+    def is_inpainting(self, pipe: Any) -> bool:
+        return int(pipe.transformer.config.in_channels) > int(pipe.vae.config.latent_channels) * 4
+
+    def native_size(self, pipe: Any) -> int:
+        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+
+    def defaults(self, pipe: Any) -> tuple[int, float]:
+        if not pipe.transformer.config.guidance_embeds:  # schnell: 4 steps, no guidance
+            return 4, 0.0
+        return self.default_steps, self.default_guidance
+
+    def pipelines(self, pipe: Any, device: torch.device) -> tuple[Any, Any, Any]:
+        if not self.is_inpainting(pipe):
+            return super().pipelines(pipe, device)
+        from diffusers import FluxFillPipeline
+
+        fill: Any = pipe if type(pipe).__name__ == FILL_PIPELINE else FluxFillPipeline(**_without_checker(pipe))
+        fill = fill.to(device) if fill.device != device else fill
+        fill.set_progress_bar_config(disable=True)
+        return fill, fill, fill  # every task is inpainting on a Fill model
+
+    # -- 1. encode -----------------------------------------------------------------------------
+    def encode(self, model: LoadedPipelines, request: PreparedRequest) -> Conditioning:
+        pipe = model.txt2img
+        embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=request.prompt,
+            prompt_2=None,
+            device=model.device,
+            num_images_per_prompt=request.num_images,
+            max_sequence_length=self.max_sequence_length(pipe),
+        )
+        tensors = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        if pipe.transformer.config.guidance_embeds:
+            tensors["guidance"] = torch.full([request.num_images], request.guidance_scale, dtype=torch.float32)
+            tensors["guidance"] = tensors["guidance"].to(model.device)
+        return Conditioning(tensors, cfg=False, shared={"txt_ids": text_ids})
+
+    def max_sequence_length(self, pipe: Any) -> int:
+        """T5 tokens per prompt: dev was trained with 512, schnell with 256."""
+        return 512 if pipe.transformer.config.guidance_embeds else 256
+
+    # -- 2. start ------------------------------------------------------------------------------
+    def start(self, model: LoadedPipelines, request: PreparedRequest, conditioning: Conditioning) -> State:
+        scheduler = scheduler_for(request.sampler, model.txt2img.scheduler, self.samplers)
+        gens = generators(request)
+        dtype = conditioning.tensors["encoder_hidden_states"].dtype
+        state = State(request, scheduler, torch.empty(0), torch.empty(0), gens, conditioning)
+        with bound(model.txt2img, scheduler), bound(model.img2img, scheduler), bound(model.inpaint, scheduler):
+            if model.inpainting_unet:
+                self._start_fill(model, state, dtype)
+            elif request.task is Task.INPAINT:
+                self._start_inpaint(model, state, dtype)
+            elif request.task is Task.IMG2IMG:
+                self._start_img2img(model, state, dtype)
+            else:
+                self._start_txt2img(model, state, dtype)
+        state.step_kwargs = step_kwargs(scheduler, gens, 0.0)
+        state.step_kwargs.pop("eta", None)
+        return state
+
+    def _timesteps(self, pipe: Any, state: State, *, cut: bool) -> None:
+        request, scheduler = state.request, state.scheduler
+        steps = request.steps
+        sigmas = None if scheduler.config.get("use_flow_sigmas") else list(np.linspace(1.0, 1 / steps, steps))
+        scale = pipe.vae_scale_factor
+        mu = calculate_shift(
+            (request.height // scale // 2) * (request.width // scale // 2),
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        state.timesteps, _ = retrieve_timesteps(scheduler, steps, pipe.device, sigmas=sigmas, mu=mu)
+        if cut:
+            strength = 1.0 if request.task is Task.TXT2IMG else request.strength
+            state.timesteps, _ = pipe.get_timesteps(steps, strength, pipe.device)
+        else:
+            scheduler.set_begin_index(0)
+
+    def _start_txt2img(self, model: LoadedPipelines, state: State, dtype: torch.dtype) -> None:
+        request, pipe = state.request, model.txt2img
+        channels = pipe.transformer.config.in_channels // 4
+        state.latents, state.extra["img_ids"] = pipe.prepare_latents(
+            request.num_images, channels, request.height, request.width, dtype, model.device, state.generators
+        )
+        self._timesteps(pipe, state, cut=False)
+
+    def _start_img2img(self, model: LoadedPipelines, state: State, dtype: torch.dtype) -> None:
+        request, pipe = state.request, model.img2img
+        image = pipe.image_processor.preprocess(request.init_image, height=request.height, width=request.width)
+        self._timesteps(pipe, state, cut=True)
+        count = request.num_images
+        state.latents, state.extra["img_ids"] = pipe.prepare_latents(
+            image.to(dtype=torch.float32), state.timesteps[:1].repeat(count), count,
+            pipe.transformer.config.in_channels // 4, request.height, request.width, dtype, model.device,
+            state.generators,
+        )  # fmt: skip
+
+    def _start_inpaint(self, model: LoadedPipelines, state: State, dtype: torch.dtype) -> None:
+        request, pipe = state.request, model.inpaint
+        height, width, count = request.height, request.width, request.num_images
+        image = pipe.image_processor.preprocess(request.init_image, height=height, width=width).to(torch.float32)
+        self._timesteps(pipe, state, cut=True)
+        channels = pipe.transformer.config.in_channels // 4
+        state.latents, noise, known, state.extra["img_ids"] = pipe.prepare_latents(
+            image, state.timesteps[:1].repeat(count), count, channels, height, width, dtype, model.device,
+            state.generators,
+        )  # fmt: skip
+        condition = pipe.mask_processor.preprocess(request.mask_image, height=height, width=width)
+        mask, _ = pipe.prepare_mask_latents(
+            condition, image * (condition < 0.5), 1, channels, count, height, width, dtype, model.device,
+            state.generators,
+        )  # fmt: skip
+        state.extra.update(mask=mask, noise=noise, image_latents=known)
+
+    def _start_fill(self, model: LoadedPipelines, state: State, dtype: torch.dtype) -> None:
+        request, pipe = state.request, model.inpaint
+        init, mask, _ = _inpaint_inputs(request)
+        height, width, count = request.height, request.width, request.num_images
+        image = pipe.image_processor.preprocess(init, height=height, width=width).to(torch.float32)
+        self._timesteps(pipe, state, cut=True)
+        channels = pipe.vae.config.latent_channels
+        state.latents, state.extra["img_ids"] = pipe.prepare_latents(
+            image, state.timesteps[:1].repeat(count), count, channels, height, width, dtype, model.device,
+            state.generators,
+        )  # fmt: skip
+        condition = pipe.mask_processor.preprocess(mask, height=height, width=width)
+        masked = (image * (1 - condition)).to(device=model.device, dtype=dtype)
+        masks, masked_latents = pipe.prepare_mask_latents(
+            condition, masked, 1, channels, count, height, width, dtype, model.device, state.generators
+        )
+        state.extra["fill"] = torch.cat((masked_latents, masks), dim=-1)
+
+    # -- 3. denoise ----------------------------------------------------------------------------
+    def model_input(self, model: LoadedPipelines, state: State) -> torch.Tensor:
+        fill = state.extra.get("fill")
+        return state.latents if fill is None else torch.cat((state.latents, fill), dim=2)
+
+    def forward(
+        self, model: LoadedPipelines, states: Sequence[State], inputs: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        first = states[0]
+        has_guidance = "guidance" in first.conditioning.tensors
+        prediction: torch.Tensor = model.txt2img.transformer(
+            hidden_states=inputs,
+            timestep=timesteps.to(inputs.dtype) / 1000,
+            guidance=stacked(states, "guidance") if has_guidance else None,
+            pooled_projections=stacked(states, "pooled_projections"),
+            encoder_hidden_states=stacked(states, "encoder_hidden_states"),
+            txt_ids=first.conditioning.shared["txt_ids"],
+            img_ids=first.extra["img_ids"],  # one size per running set, so one set of position ids
+            return_dict=False,
+        )[0]
+        return prediction
+
+    def after_step(self, model: LoadedPipelines, state: State) -> None:
+        """Inpainting with a regular model: outside the mask, the original at the next noise level."""
+        known = state.extra.get("image_latents")
+        if known is None:
+            return
+        if state.index < state.total - 1:
+            upcoming = torch.tensor([state.timesteps[state.index + 1]])
+            known = state.scheduler.scale_noise(known, upcoming, state.extra["noise"])
+        mask = state.extra["mask"]
+        state.latents = (1 - mask) * known + mask * state.latents
+
+    # -- 4. finish -----------------------------------------------------------------------------
+    def decode(self, model: LoadedPipelines, states: Sequence[State]) -> list[Image.Image]:
+        pipe = model.txt2img
+        request = states[0].request
+        latents = pipe._unpack_latents(
+            torch.cat([state.latents for state in states]), request.height, request.width, pipe.vae_scale_factor
+        )
+        config = pipe.vae.config
+        pixels = pipe.vae.decode(latents / config.scaling_factor + config.shift_factor, return_dict=False)[0]
+        return _postprocess(pipe, pixels)
+
+    def previews(self, latents: torch.Tensor, state: State) -> list[Image.Image]:
+        from diffusers import FluxPipeline
+
+        height, width = state.request.height, state.request.width
+        return latent_rgb(FluxPipeline._unpack_latents(latents, height, width, 8), self.preview_factors)
+
+
+def _without_checker(pipe: Any) -> dict[str, Any]:
+    """A Fill model's components (a plain FluxPipeline folder holding a Fill transformer)."""
+    return {name: module for name, module in pipe.components.items() if name not in NO_CHECKER}
+
+
+FAMILY = Flux()

@@ -1,0 +1,248 @@
+"""Stable Diffusion 1.x and 2.x: a UNet over 4-channel latents, a CLIP (1.x) or OpenCLIP (2.x) text encoder,
+epsilon or v-prediction, classifier-free guidance. SDXL (sdxl.py) builds on this module.
+
+Inpainting comes two ways, both from diffusers' inpaint pipeline helpers: a dedicated 9-channel model
+takes the mask and the masked image's latents as input; a regular model blends the noised original back
+in outside the mask after every step.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from PIL import Image
+
+from sdserver.core.errors import UnsupportedModel
+from sdserver.core.types import PreparedRequest, Task
+from sdserver.engine.families.base import (
+    Conditioning,
+    Description,
+    Family,
+    State,
+    bound,
+    generators,
+    stacked,
+    step_kwargs,
+)
+from sdserver.engine.samplers import SAMPLERS, scheduler_for
+
+if TYPE_CHECKING:
+    from sdserver.engine.loaders import LoadedPipelines
+
+# The widely used least-squares fit of SD 1.x/2.x latents to RGB (for previews only).
+SD_LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+
+
+class StableDiffusion(Family):
+    name = "sd"
+    kinds: ClassVar[tuple[str, ...]] = ("sd1", "sd2")
+    pipeline_classes: ClassVar[tuple[str, ...]] = (
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionInpaintPipeline",
+    )
+    samplers = SAMPLERS
+    preview_factors = SD_LATENT_RGB
+
+    # -- what the model is ---------------------------------------------------------------------
+    def kind_of(self, pipe: Any) -> str:
+        return _clip_kind(pipe.text_encoder.config.hidden_act)
+
+    def describe_index(self, index: dict[str, Any], folder: Path, source: str) -> Description:
+        if index.get("text_encoder", [None])[0] is None:
+            raise UnsupportedModel(f"{source} has no first text encoder (an SDXL refiner?): it cannot serve txt2img")
+        unet = _json(folder / "unet" / "config.json")
+        channels = unet.get("in_channels")
+        kind = (
+            self.kinds[0]
+            if len(self.kinds) == 1
+            else _clip_kind(_json(folder / "text_encoder" / "config.json").get("hidden_act"))
+        )
+        return Description(kind, channels == 9 if isinstance(channels, int) else None)
+
+    def check(self, pipe: Any, source: str) -> None:
+        if getattr(pipe, "text_encoder", None) is None:
+            raise UnsupportedModel(
+                f"model {source!r} has no first text encoder (an SDXL refiner?): it cannot serve txt2img"
+            )
+
+    def denoiser(self, pipe: Any) -> torch.nn.Module:
+        unet: torch.nn.Module = pipe.unet
+        return unet
+
+    def is_inpainting(self, pipe: Any) -> bool:
+        return int(pipe.unet.config.in_channels) == 9
+
+    def native_size(self, pipe: Any) -> int:
+        return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+    # -- 1. encode -----------------------------------------------------------------------------
+    def encode(self, model: LoadedPipelines, request: PreparedRequest) -> Conditioning:
+        pipe = model.txt2img
+        cfg = request.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        count = request.num_images
+        if request.clip_skip is not None and request.clip_skip > 1:
+            cond = _clip_skip_embeds(pipe, [request.prompt] * count, request.clip_skip - 1)
+            uncond = _clip_skip_embeds(pipe, [request.negative_prompt or ""] * count, request.clip_skip - 1)
+        else:
+            cond, uncond = pipe.encode_prompt(request.prompt, model.device, count, cfg, request.negative_prompt)
+        tensors = {"encoder_hidden_states": torch.cat([uncond, cond]) if cfg else cond}
+        if pipe.unet.config.time_cond_proj_dim is not None:  # guidance-embedding (LCM-distilled) UNets
+            scale = torch.tensor(request.guidance_scale - 1).repeat(count)
+            embedding = pipe.get_guidance_scale_embedding(scale, embedding_dim=pipe.unet.config.time_cond_proj_dim)
+            tensors["timestep_cond"] = embedding.to(device=model.device, dtype=cond.dtype)
+        return Conditioning(tensors, cfg)
+
+    # -- 2. start ------------------------------------------------------------------------------
+    def start(self, model: LoadedPipelines, request: PreparedRequest, conditioning: Conditioning) -> State:
+        scheduler = scheduler_for(request.sampler, model.txt2img.scheduler)
+        gens = generators(request)
+        dtype = conditioning.tensors["encoder_hidden_states"].dtype
+        state = State(request, scheduler, torch.empty(0), torch.empty(0), gens, conditioning)
+        if model.inpainting_unet or request.task is Task.INPAINT:
+            self._start_inpaint(model, state, dtype)
+        elif request.task is Task.IMG2IMG:
+            self._start_img2img(model, state, dtype)
+        else:
+            self._start_txt2img(model, state, dtype)
+        state.step_kwargs = step_kwargs(scheduler, gens, request.eta)
+        return state
+
+    def _start_txt2img(self, model: LoadedPipelines, state: State, dtype: torch.dtype) -> None:
+        request, pipe = state.request, model.txt2img
+        with bound(pipe, state.scheduler):
+            state.timesteps, _ = retrieve_timesteps(state.scheduler, request.steps, model.device)
+            channels = pipe.unet.config.in_channels
+            state.latents = pipe.prepare_latents(
+                request.num_images, channels, request.height, request.width, dtype, model.device, state.generators
+            )
+
+    def _start_img2img(self, model: LoadedPipelines, state: State, dtype: torch.dtype) -> None:
+        request, pipe = state.request, model.img2img
+        image = pipe.image_processor.preprocess(request.init_image)
+        with bound(pipe, state.scheduler):
+            retrieve_timesteps(state.scheduler, request.steps, model.device)
+            state.timesteps, _ = pipe.get_timesteps(request.steps, request.strength, model.device)
+            first = state.timesteps[:1].repeat(request.num_images)
+            state.latents = pipe.prepare_latents(
+                image, first, 1, request.num_images, dtype, model.device, state.generators
+            )
+
+    def _start_inpaint(self, model: LoadedPipelines, state: State, dtype: torch.dtype) -> None:
+        """Inpainting; on a 9-channel model also txt2img (a full mask over grey) and img2img (a full mask)."""
+        request, pipe = state.request, model.inpaint
+        init, mask, strength = _inpaint_inputs(request)
+        height, width, count = request.height, request.width, request.num_images
+        image = pipe.image_processor.preprocess(init, height=height, width=width).to(dtype=torch.float32)
+        with bound(pipe, state.scheduler):
+            retrieve_timesteps(state.scheduler, request.steps, model.device)
+            state.timesteps, _ = pipe.get_timesteps(
+                num_inference_steps=request.steps, strength=strength, device=model.device
+            )
+            blend = not model.inpainting_unet  # a regular model: blend the known latents back in each step
+            outputs = pipe.prepare_latents(
+                count, pipe.vae.config.latent_channels, height, width, dtype, model.device, state.generators,
+                image=image, timestep=state.timesteps[:1].repeat(count), is_strength_max=strength == 1.0,
+                return_noise=True, return_image_latents=blend,
+            )  # fmt: skip
+            condition = pipe.mask_processor.preprocess(mask, height=height, width=width)
+            masks, masked = pipe.prepare_mask_latents(
+                condition, image * (condition < 0.5), count, height, width, dtype, model.device, state.generators, False
+            )
+        state.latents = outputs[0]
+        state.extra.update(mask=masks, masked_latents=masked, noise=outputs[1])
+        if blend:
+            state.extra["image_latents"] = outputs[2]
+
+    # -- 3. denoise ----------------------------------------------------------------------------
+    def model_input(self, model: LoadedPipelines, state: State) -> torch.Tensor:
+        rows = state.scheduler.scale_model_input(state.latents, state.timestep)
+        if model.inpainting_unet:
+            rows = torch.cat([rows, state.extra["mask"], state.extra["masked_latents"]], dim=1)
+        return rows
+
+    def forward(
+        self, model: LoadedPipelines, states: Sequence[State], inputs: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        has_cond = "timestep_cond" in states[0].conditioning.tensors
+        prediction: torch.Tensor = model.txt2img.unet(
+            inputs,
+            timesteps,
+            encoder_hidden_states=stacked(states, "encoder_hidden_states"),
+            timestep_cond=stacked(states, "timestep_cond") if has_cond else None,
+            added_cond_kwargs=self.added_conditions(states),
+            return_dict=False,
+        )[0]
+        return prediction
+
+    def added_conditions(self, states: Sequence[State]) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def after_step(self, model: LoadedPipelines, state: State) -> None:
+        """A regular model inpainting: outside the mask, the original's latents at the next noise level."""
+        known = state.extra.get("image_latents")
+        if known is None:
+            return
+        if state.index < state.total - 1:
+            upcoming = torch.tensor([state.timesteps[state.index + 1]])
+            known = state.scheduler.add_noise(known, state.extra["noise"], upcoming)
+        mask = state.extra["mask"]
+        state.latents = (1 - mask) * known + mask * state.latents
+
+    # -- 4. finish -----------------------------------------------------------------------------
+    def decode(self, model: LoadedPipelines, states: Sequence[State]) -> list[Image.Image]:
+        pipe = model.txt2img
+        latents = torch.cat([state.latents for state in states])
+        pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        return _postprocess(pipe, pixels)
+
+
+def _inpaint_inputs(request: PreparedRequest) -> tuple[Image.Image, Image.Image, float]:
+    """(image, mask, strength) for the inpaint path; txt2img and img2img on an inpainting model are
+    inpainting of the whole picture."""
+    size = (int(request.width or 0), int(request.height or 0))
+    init = request.init_image if request.init_image is not None else Image.new("RGB", size, (127, 127, 127))
+    mask = request.mask_image if request.mask_image is not None else Image.new("L", size, 255)
+    strength = 1.0 if request.task is Task.TXT2IMG else request.strength
+    return init, mask, strength
+
+
+def _postprocess(pipe: Any, pixels: torch.Tensor) -> list[Image.Image]:
+    images: list[Image.Image] = pipe.image_processor.postprocess(
+        pixels, output_type="pil", do_denormalize=[True] * pixels.shape[0]
+    )
+    return images
+
+
+def _clip_skip_embeds(pipe: Any, texts: list[str], skip: int) -> torch.Tensor:
+    """Prompt embeddings from the CLIP layer `skip` layers before the last (normalised, as diffusers does).
+    diffusers' own clip_skip path needs `text_encoder.text_model`, which transformers 5 no longer has."""
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    tokens = tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        hidden = encoder(tokens.input_ids.to(encoder.device), output_hidden_states=True).hidden_states[-(skip + 1)]
+        norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        embeds: torch.Tensor = norm(hidden).to(dtype=encoder.dtype)
+        return embeds
+
+
+def _clip_kind(hidden_act: Any) -> str:
+    return "sd2" if hidden_act == "gelu" else "sd1"  # OpenCLIP (2.x) uses gelu, OpenAI CLIP (1.x) quick_gelu
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+FAMILY = StableDiffusion()
