@@ -180,8 +180,8 @@ def half_mask(size: int = SIZE) -> Image.Image:
 
 class GatedFamily:
     """A spy around a loaded model's family (install it as `pipelines.family`): records the prompts of
-    each batch's first denoising step (one entry per image), can hold the denoiser at a gate, and can
-    inject a fault for one prompt. The real family still draws every image."""
+    every denoiser forward that starts a request (one entry per image, the whole batch), can hold the
+    denoiser at a gate, and can inject a fault for one prompt. The real family still draws every image."""
 
     def __init__(self, real: Any) -> None:
         self.real = real
@@ -195,7 +195,7 @@ class GatedFamily:
         return getattr(self.real, name)
 
     def forward(self, model: Any, states: Any, inputs: Any, timesteps: Any) -> Any:
-        if all(state.index == 0 for state in states):
+        if any(state.index == 0 for state in states):
             self.calls.append([state.request.prompt for state in states for _ in range(state.rows)])
         self.entered.set()
         assert self.gate.wait(60), "gate never opened"

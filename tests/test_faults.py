@@ -123,7 +123,7 @@ def test_a_dead_worker_makes_the_process_exit_non_zero(tiny_model: Path, tmp_pat
     (tmp_path / "sitecustomize.py").write_text(
         "import sdserver.service.scheduler as s\n"
         "def broken(self):\n    raise SystemError('worker bug')\n"
-        "s.Scheduler._next_batch = broken\n"
+        "s.Scheduler._next_batch = s.Scheduler._next_first = broken\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     process = subprocess.Popen(

@@ -14,7 +14,9 @@ from tests.conftest import SIZE, STEPS, decode_png
 
 
 def params(**overrides: object) -> dict[str, object]:
-    request = GenerationRequest(prompt='a "red", circle\nsecond line', negative_prompt="blue, green", steps=20)
+    request = GenerationRequest(
+        prompt='a "red", circle\nsecond line', negative_prompt="blue, green", steps=20, guidance_scale=7.5
+    )
     values = parameters_for(
         request, seed=42, width=512, height=768, model="sd15", model_hash="0123456789abcdef", sampler="DPM++ 2M Karras"
     )

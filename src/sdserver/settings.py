@@ -179,6 +179,19 @@ class Settings(BaseSettings):
     def base_model(self) -> str:
         return self.model or DEFAULT_MODEL
 
+    # Batching (issue 14)
+    batching: Literal["step", "request"] = Field(
+        default="step",
+        description="step: requests join and leave the running batch between denoising steps, whatever their "
+        "steps, sampler, guidance or strength; request: only requests that agree on all of those share a batch",
+    )
+    switch_after_steps: int = Field(
+        default=40,
+        ge=1,
+        description="Step batching's fairness: once a request that cannot join the running batch (another model, "
+        "size or LoRA set) has waited this many steps, the batch stops taking newcomers and it goes next",
+    )
+
     # OpenAI / AUTOMATIC1111 adapters
     image_url_ttl: float = Field(default=3600.0, gt=0)  # seconds an OpenAI response_format=url image lives
     image_url_max_mb: float = Field(default=512.0, gt=0)  # memory for those images; the oldest go first

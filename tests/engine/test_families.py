@@ -164,12 +164,15 @@ def test_options_a_family_cannot_honour_are_refused_by_name(
     assert refused.value.field == field and says in refused.value.message
 
 
+@pytest.mark.parametrize("task", ["txt2img", "img2img"])
 @pytest.mark.parametrize("arch", ["sd3", "flux"])
-def test_every_sampler_of_a_flow_family_draws_the_same_picture_roughly(engine_for: EngineFor, arch: str) -> None:
+def test_every_sampler_of_a_flow_family_draws_the_same_picture_roughly(
+    engine_for: EngineFor, arch: str, task: str
+) -> None:
     engine = engine_for(arch)
     family = engine.registry.get(None).family
     images = {
-        name: engine.run([request_for(engine, "txt2img", sampler=name, steps=8, num_images=1)], lambda *_: None)[0][0]
+        name: engine.run([request_for(engine, task, sampler=name, steps=8, num_images=1)], lambda *_: None)[0][0]
         for name in family.samplers
     }
     reference = images["Euler"].image

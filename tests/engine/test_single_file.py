@@ -182,11 +182,11 @@ def test_a_configured_model_of_a_kind_we_cannot_serve_stops_start_up(tiny_model:
     with pytest.raises(ConfigError, match=r"'style'.*LoRA"):
         Engine.from_settings(Settings(model=str(tiny_model), custom_models=[custom], device="cpu"))
 
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ConfigError, match="FluxPipeline"):
-        Engine.from_settings(Settings(model=str(flux), device="cpu"))
+    cascade = tmp_path / "cascade"
+    cascade.mkdir()
+    (cascade / "model_index.json").write_text(json.dumps({"_class_name": "StableCascadeCombinedPipeline"}))
+    with pytest.raises(ConfigError, match="StableCascadeCombinedPipeline"):
+        Engine.from_settings(Settings(model=str(cascade), device="cpu"))
 
 
 def test_models_dir_lists_single_files_by_name_and_skips_what_it_cannot_serve(

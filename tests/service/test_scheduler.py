@@ -1,7 +1,7 @@
-"""The scheduler's queue, batcher and worker, driven by a fake engine that controls timing and faults.
+"""The scheduler's queue, batchers and worker, driven by a fake engine that controls timing and faults.
 
 (The real pipelines run through the scheduler in every HTTP test; here we need to hold the worker
-still or make it fail on cue.)
+still or make it fail on cue.) Behaviour common to both batching modes is tested in both.
 """
 
 from __future__ import annotations
@@ -9,20 +9,35 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from sdserver.core.errors import Cancelled, GenerationError, OutOfMemory, Overloaded, Timeout, Unavailable
-from sdserver.core.types import GeneratedImage, GenerationRequest
+from sdserver.core.types import GeneratedImage, GenerationRequest, LoraRef
 from sdserver.service.jobs import JobStatus
 from sdserver.service.scheduler import Scheduler, StepCallback
 from tests.conftest import wait_until
 
 
+@dataclass(eq=False)
+class FakeState:
+    request: GenerationRequest
+    total: int
+    index: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.index >= self.total
+
+
 class FakeEngine:
     def __init__(self, steps: int = 3) -> None:
-        self.calls: list[list[str]] = []
+        self.calls: list[list[str]] = []  # request batching: prompts per call; step batching: per step
+        self.sessions: list[str] = []  # step batching: the model of each session opened
         self.gate = threading.Event()
         self.gate.set()
         self.started = threading.Event()
@@ -33,17 +48,46 @@ class FakeEngine:
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
         return request.model_copy(update={"model": request.model or "base", "width": 8, "height": 8})
 
-    def run(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[GeneratedImage]]:
-        self.calls.append([r.prompt for r in requests])
-        self.started.set()
+    def _check(self, requests: Sequence[GenerationRequest]) -> None:
         if self.oom:
             raise OutOfMemory("out of memory")
         if self.fail_on and any(r.prompt == self.fail_on for r in requests):
             raise GenerationError(f"cannot draw {self.fail_on}")
+
+    def run(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[GeneratedImage]]:
+        self.calls.append([r.prompt for r in requests])
+        self.started.set()
+        self._check(requests)
         for step in range(1, self.steps + 1):
             self.gate.wait(5)
             on_step(step, self.steps, lambda step=step: [Image.new("RGB", (1, 1), (step, 0, 0))] * 8)
-        return [[GeneratedImage(Image.new("RGB", (8, 8)), seed, False) for seed in r.seeds] for r in requests]
+        return [_images(r) for r in requests]
+
+    @contextmanager
+    def session(self, name: str, loras: Sequence[LoraRef] = ()) -> Iterator[FakeEngine]:
+        self.sessions.append(name)
+        yield self
+
+    def admit(self, request: GenerationRequest) -> FakeState:
+        return FakeState(request, total=min(request.steps or self.steps, self.steps))
+
+    def step(self, states: Sequence[FakeState]) -> None:
+        self.calls.append([state.request.prompt for state in states])
+        self.started.set()
+        self.gate.wait(5)
+        self._check([state.request for state in states])
+        for state in states:
+            state.index += 1
+
+    def previews(self, state: FakeState) -> list[Image.Image]:
+        return [Image.new("RGB", (1, 1), (state.index, 0, 0))] * state.request.num_images
+
+    def finish(self, states: Sequence[FakeState]) -> list[list[GeneratedImage]]:
+        return [_images(state.request) for state in states]
+
+
+def _images(request: GenerationRequest) -> list[GeneratedImage]:
+    return [GeneratedImage(Image.new("RGB", (8, 8)), seed, False) for seed in request.seeds]
 
 
 def request(prompt: str = "p", **fields: object) -> GenerationRequest:
@@ -55,9 +99,9 @@ def engine() -> FakeEngine:
     return FakeEngine()
 
 
-@pytest.fixture
-def scheduler(engine: FakeEngine) -> Iterator[Scheduler]:
-    s = Scheduler(engine, max_queue=3, max_batch_size=4, batch_window_s=0.05)
+@pytest.fixture(params=["step", "request"])
+def scheduler(engine: FakeEngine, request: Any) -> Iterator[Scheduler]:
+    s = Scheduler(engine, max_queue=3, max_batch_size=4, batch_window_s=0.05, batching=request.param)
     s.start()
     yield s
     engine.gate.set()
@@ -77,31 +121,101 @@ def test_seed_is_fixed_at_submit(scheduler: Scheduler) -> None:
     assert [image.seed for image in job.wait(5).images] == job.request.seeds
 
 
-def test_compatible_requests_share_one_call(engine: FakeEngine, scheduler: Scheduler) -> None:
-    hold(engine, scheduler)
-    jobs = [scheduler.submit(request(f"p{i}")) for i in range(3)]
+@pytest.fixture
+def request_scheduler(engine: FakeEngine) -> Iterator[Scheduler]:
+    s = Scheduler(engine, max_queue=3, max_batch_size=4, batch_window_s=0.05, batching="request")
+    s.start()
+    yield s
     engine.gate.set()
-    for job in jobs:
-        job.wait(5)
-    assert engine.calls[1] == ["p0", "p1", "p2"]
+    s.stop()
 
 
-def test_incompatible_requests_run_apart(engine: FakeEngine, scheduler: Scheduler) -> None:
-    hold(engine, scheduler)
-    a = scheduler.submit(request("a", steps=10))
-    b = scheduler.submit(request("b", steps=20))
+@pytest.fixture
+def step_scheduler(engine: FakeEngine) -> Iterator[Scheduler]:
+    s = Scheduler(engine, max_queue=5, max_batch_size=4, batching="step", switch_after_steps=1)
+    s.start()
+    yield s
     engine.gate.set()
-    a.wait(5), b.wait(5)
-    assert engine.calls[1:] == [["a"], ["b"]]
+    s.stop()
 
 
-def test_batch_never_exceeds_max_images(engine: FakeEngine, scheduler: Scheduler) -> None:
-    hold(engine, scheduler)
-    jobs = [scheduler.submit(request(f"p{i}", num_images=3)) for i in range(2)]
-    engine.gate.set()
-    for job in jobs:
-        job.wait(5)
-    assert engine.calls[1:] == [["p0"], ["p1"]]
+class TestRequestBatching:
+    def test_compatible_requests_share_one_call(self, engine: FakeEngine, request_scheduler: Scheduler) -> None:
+        hold(engine, request_scheduler)
+        jobs = [request_scheduler.submit(request(f"p{i}")) for i in range(3)]
+        engine.gate.set()
+        for job in jobs:
+            job.wait(5)
+        assert engine.calls[1] == ["p0", "p1", "p2"]
+
+    def test_incompatible_requests_run_apart(self, engine: FakeEngine, request_scheduler: Scheduler) -> None:
+        hold(engine, request_scheduler)
+        a = request_scheduler.submit(request("a", steps=10))
+        b = request_scheduler.submit(request("b", steps=20))
+        engine.gate.set()
+        a.wait(5), b.wait(5)
+        assert engine.calls[1:] == [["a"], ["b"]]
+
+    def test_batch_never_exceeds_max_images(self, engine: FakeEngine, request_scheduler: Scheduler) -> None:
+        hold(engine, request_scheduler)
+        jobs = [request_scheduler.submit(request(f"p{i}", num_images=3)) for i in range(2)]
+        engine.gate.set()
+        for job in jobs:
+            job.wait(5)
+        assert engine.calls[1:] == [["p0"], ["p1"]]
+
+
+class TestStepBatching:
+    def test_different_steps_and_guidance_share_every_step(self, engine: FakeEngine, step_scheduler: Scheduler) -> None:
+        hold(engine, step_scheduler)
+        jobs = [
+            step_scheduler.submit(request("a", steps=2, guidance_scale=3)),
+            step_scheduler.submit(request("b", steps=3, sampler="Euler a", guidance_scale=9)),
+        ]
+        engine.gate.set()
+        for job in jobs:
+            job.wait(5)
+        assert engine.calls[1] == ["blocker", "a", "b"]  # joined the running blocker's next step
+        assert engine.calls[2:] == [["blocker", "a", "b"], ["b"]]  # a leaves after its 2 steps, b after 3
+
+    def test_progress_is_per_request(self, engine: FakeEngine, step_scheduler: Scheduler) -> None:
+        hold(engine, step_scheduler)
+        (blocker,) = step_scheduler.jobs.all()
+        joiner = step_scheduler.submit(request("joiner", steps=2))
+        engine.gate.set()
+        joiner.wait(5), blocker.wait(5)
+        assert joiner.progress is not None and (joiner.progress.step, joiner.progress.total) == (2, 2)
+        assert blocker.progress is not None and (blocker.progress.step, blocker.progress.total) == (3, 3)
+
+    def test_the_running_set_never_exceeds_max_images(self, engine: FakeEngine, step_scheduler: Scheduler) -> None:
+        hold(engine, step_scheduler)
+        jobs = [step_scheduler.submit(request(f"p{i}", num_images=3)) for i in range(2)]
+        engine.gate.set()
+        for job in jobs:
+            job.wait(5)
+        assert all(len([p for p in call if p.startswith("p")]) <= 1 for call in engine.calls)
+        assert ["blocker", "p0"] in engine.calls
+
+    def test_another_model_waits_a_bounded_number_of_steps(self, engine: FakeEngine, step_scheduler: Scheduler) -> None:
+        engine.steps = 5
+        hold(engine, step_scheduler)
+        other = step_scheduler.submit(request("other", model="other"))
+        later = step_scheduler.submit(request("same model, but later"))
+        engine.gate.set()
+        other.wait(5), later.wait(5)
+        # one step after "other" arrived, the base model's set stopped taking newcomers: "other" went next
+        assert engine.sessions == ["base", "other", "base"]
+        assert ["blocker", "same model, but later"] not in engine.calls
+
+    def test_a_failing_member_leaves_alone_mid_run(self, engine: FakeEngine, step_scheduler: Scheduler) -> None:
+        hold(engine, step_scheduler)
+        (blocker,) = step_scheduler.jobs.all()
+        bad = step_scheduler.submit(request("bad"))
+        engine.fail_on = "bad"
+        engine.gate.set()
+        with pytest.raises(GenerationError, match="cannot draw bad"):
+            bad.wait(5)
+        assert blocker.wait(5).images and blocker.progress is not None and blocker.progress.step == 3
 
 
 def test_full_queue_is_refused(engine: FakeEngine, scheduler: Scheduler) -> None:
@@ -154,8 +268,9 @@ def test_cancel_running_job_stops_at_next_step(engine: FakeEngine, scheduler: Sc
     assert job.progress is not None and job.progress.step == 1
 
 
-def test_expired_job_is_dropped_before_running(engine: FakeEngine) -> None:
-    scheduler = Scheduler(engine, queue_timeout_s=0.05, batch_window_s=0)
+@pytest.mark.parametrize("batching", ["step", "request"])
+def test_expired_job_is_dropped_before_running(engine: FakeEngine, batching: Any) -> None:
+    scheduler = Scheduler(engine, queue_timeout_s=0.05, batch_window_s=0, batching=batching)
     scheduler.start()
     try:
         hold(engine, scheduler)
@@ -212,13 +327,14 @@ def test_stop_fails_queued_jobs_and_stops_the_running_one_clearly(engine: FakeEn
         scheduler.submit(request("after stop"))
 
 
-def test_a_dead_worker_fails_waiting_jobs_and_reports_it(engine: FakeEngine) -> None:
+@pytest.mark.parametrize("batching", ["step", "request"])
+def test_a_dead_worker_fails_waiting_jobs_and_reports_it(engine: FakeEngine, batching: Any) -> None:
     deaths: list[bool] = []
-    scheduler = Scheduler(engine, on_worker_death=lambda: deaths.append(True))
+    scheduler = Scheduler(engine, on_worker_death=lambda: deaths.append(True), batching=batching)
     scheduler.start()
     hold(engine, scheduler)
-    queued = scheduler.submit(request("queued"))
-    scheduler._run = None  # type: ignore[assignment, method-assign]  # the next batch crashes the worker loop
+    queued = scheduler.submit(request("queued", model="other"))  # it cannot join the running work
+    scheduler._run = scheduler._run_group = None  # type: ignore[assignment, method-assign]  # the next job crashes the worker
     engine.gate.set()
     with pytest.raises(Unavailable, match="worker stopped"):
         queued.wait(5)

@@ -52,8 +52,14 @@ def create_app(
             jobs=JobStore(ttl_s=settings.job_ttl, max_kept=settings.max_jobs_kept),
             metrics=metrics,
             on_worker_death=on_fatal,
+            batching=settings.batching,
+            switch_after_steps=settings.switch_after_steps,
         )
-        metrics.add_gauges("sdserver_queue", "Jobs waiting and running", lambda: {"depth": scheduler.queue_depth})
+        metrics.add_gauges(
+            "sdserver_queue",
+            "Jobs waiting (depth), and images in the running batch (running_rows)",
+            lambda: {"depth": scheduler.queue_depth, "running_rows": scheduler.running_rows},
+        )
         metrics.add_gauges(
             "sdserver_models",
             "Models loaded, loads and unloads so far, bytes of loaded weights",

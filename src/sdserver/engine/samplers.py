@@ -67,7 +67,12 @@ def make_scheduler(name: str, config: Any, table: dict[str, SamplerSpec] | None 
             use_dynamic_shifting=bool(config.get("use_dynamic_shifting", False)),
             time_shift_type=config.get("time_shift_type", "exponential"),
         )
-    return cls.from_config(config, **options)
+    scheduler = cls.from_config(config, **options)
+    if spec.flow and not hasattr(scheduler, "scale_noise"):
+        # diffusers' flow-model img2img and inpaint pipelines noise the image with FlowMatch's
+        # scale_noise(sample, t, noise); on flow sigmas the solvers' add_noise computes the same mix.
+        scheduler.scale_noise = lambda sample, timestep, noise: scheduler.add_noise(sample, noise, timestep)
+    return scheduler
 
 
 def scheduler_for(name: str | None, scheduler: Any, table: dict[str, SamplerSpec] | None = None) -> Any:

@@ -42,6 +42,7 @@ class Job:
     error: SDServerError | None = None
     created_at: float = field(default_factory=time.time)
     enqueued_at: float = field(default_factory=time.monotonic)
+    arrival_tick: int = 0  # the step batcher's step count when it was queued (its fairness clock)
     started_at: float | None = None
     finished_at: float | None = None
     cancel_requested: bool = False

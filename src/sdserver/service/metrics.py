@@ -47,6 +47,12 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
+        self.joins_per_step = Histogram(
+            "sdserver_running_set_joins",
+            "Requests that joined the running set before one denoising step (step batching)",
+            buckets=(0, 1, 2, 4, 8, 16),
+            registry=self.registry,
+        )
         self.queue_wait_seconds = Histogram(
             "sdserver_queue_wait_seconds",
             "Time from submit to start",

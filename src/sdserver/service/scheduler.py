@@ -1,10 +1,18 @@
 """One scheduler per device: a bounded queue, a batcher, and the worker thread that owns the device.
 
 Flow: `submit` prepares and seeds the request (bad input fails here, before queueing), stamps a
-deadline and enqueues a Job. The worker takes the oldest job, waits up to `batch_window_s` for
-compatible company (same batch key) up to `max_batch_size` images, drops cancelled and expired
-jobs, and runs the batch as one engine call. If a batch fails, its jobs are retried one by one so a
-bad request cannot fail its neighbours.
+deadline and enqueues a Job. The worker batches in one of two ways:
+
+- `step` (the default): a running set (service/running.py). The oldest job opens it; between any two
+  denoising steps, waiting jobs with the same model, LoRA set and size join it (up to
+  `max_batch_size` images) and finished ones leave, whatever their steps, sampler, guidance or
+  strength. Fairness: once a job that cannot join (another model, size or LoRA set) has waited
+  `switch_after_steps` steps, the set stops admitting and drains, and the oldest job goes next.
+- `request`: the oldest job waits up to `batch_window_s` for company with the same batch key (model,
+  task, size, steps, sampler, guidance, eta, strength, LoRAs), and the batch runs as one engine call.
+
+Cancelled and expired jobs are dropped when they would start. A failing request fails alone: a
+failed batch is retried one by one, a failed step is re-run member by member.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 from PIL import Image
 
@@ -30,6 +38,7 @@ from sdserver.core.errors import (
 from sdserver.core.types import GeneratedImage, GenerationRequest, GenerationResult, Progress
 from sdserver.service.jobs import Job, JobStatus, JobStore
 from sdserver.service.metrics import Metrics
+from sdserver.service.running import RunningSet, SessionOpener, group_key
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +47,12 @@ class EngineLike(Protocol):
     def prepare(self, request: GenerationRequest) -> GenerationRequest: ...
 
     def run(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[GeneratedImage]]: ...
+
+    @property
+    def session(self) -> SessionOpener: ...
+
+
+Batching = Literal["step", "request"]
 
 
 class StepCallback(Protocol):
@@ -56,8 +71,12 @@ class Scheduler:
         jobs: JobStore | None = None,
         metrics: Metrics | None = None,
         on_worker_death: Callable[[], None] | None = None,
+        batching: Batching = "step",
+        switch_after_steps: int = 40,
     ) -> None:
         self.engine = engine
+        self.batching = batching
+        self.switch_after_steps = switch_after_steps
         self.max_queue = max_queue
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
@@ -72,6 +91,8 @@ class Scheduler:
         self._accepting = True
         self._stopping = False
         self._running: list[Job] = []
+        self._ticks = 0  # denoising steps run by the step batcher: its clock for fairness
+        self.last_joins = 0
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -142,6 +163,7 @@ class Scheduler:
         deadline = None if self.queue_timeout_s is None else time.monotonic() + self.queue_timeout_s
         job = Job(request=prepared, deadline=deadline, preview_every=preview_every)
         with self._wakeup:
+            job.arrival_tick = self._ticks
             if not self.accepting:
                 raise Unavailable("the server is not accepting work (starting, shutting down, or its worker stopped)")
             if len(self._queue) >= self.max_queue:
@@ -188,11 +210,24 @@ class Scheduler:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def running_rows(self) -> int:
+        """Images being generated right now (the running set's rows, or the batch's)."""
+        with self._wakeup:
+            return sum(job.request.num_images for job in self._running)
+
     # -- the worker ------------------------------------------------------------------------------
     def _work(self) -> None:
         batch: list[Job] | None = []
         try:
             while True:
+                if self.batching == "step":
+                    first = self._next_first()
+                    if first is None:
+                        return
+                    batch = [first]
+                    self._run_group(first)
+                    continue
                 batch = self._next_batch()
                 if batch is None:
                     return
@@ -219,6 +254,67 @@ class Scheduler:
         if self._on_worker_death is not None:
             self._on_worker_death()
 
+    # -- step-level batching ----------------------------------------------------------------------
+    def _next_first(self) -> Job | None:
+        """The oldest job still wanted (blocks until there is one); None once stopping."""
+        while True:
+            with self._wakeup:
+                while not self._queue and not self._stopping:
+                    self._wakeup.wait()
+                if self._stopping and not self._queue:
+                    return None
+                first = self._queue.popleft()
+                self._running = [first]  # out of the queue: from now on stop() must see it here
+            if self._still_wanted(first):
+                return first
+            self._set_running([])
+
+    def _run_group(self, first: Job) -> None:
+        """Run a running set opened by `first` until it empties; jobs with its group key join on the way."""
+        key = group_key(first.request)
+        running: RunningSet | None = None
+        try:
+            with self.engine.session(first.request.model or "", first.request.loras) as session:
+                running = RunningSet(session, self.metrics, self._cancelled)
+                running.admit(first)
+                while running.members:
+                    joiners = self._joiners(key, room=self.max_batch_size - running.rows)
+                    for job in joiners:
+                        running.admit(job)
+                    self.metrics.joins_per_step.observe(len(joiners))
+                    self._set_running(running.jobs)
+                    running.tick()
+                    with self._wakeup:
+                        self._ticks += 1
+        except SDServerError as exc:  # the model could not be loaded or the LoRAs applied
+            for job in [first, *(running.jobs if running is not None else [])]:
+                job.fail(exc)
+        finally:
+            self._set_running([])
+
+    def _joiners(self, key: tuple[object, ...], room: int) -> list[Job]:
+        """Waiting jobs that can join the running set now, oldest first, up to `room` images. None once a
+        job that cannot join has waited `switch_after_steps` steps: the set then drains, and it goes next."""
+        with self._wakeup:
+            if self._stopping:
+                return []
+            blocked = next((job for job in self._queue if group_key(job.request) != key), None)
+            if blocked is not None and self._ticks - blocked.arrival_tick >= self.switch_after_steps:
+                return []
+            taken = []
+            for job in list(self._queue):
+                if group_key(job.request) == key and job.request.num_images <= room:
+                    self._queue.remove(job)
+                    taken.append(job)
+                    room -= job.request.num_images
+        return [job for job in taken if self._still_wanted(job)]
+
+    def _set_running(self, jobs: list[Job]) -> None:
+        with self._wakeup:
+            self._running = list(jobs)
+            self._wakeup.notify_all()
+
+    # -- request-level batching -------------------------------------------------------------------
     def _next_batch(self) -> list[Job] | None:
         with self._wakeup:
             while not self._queue and not self._stopping:
