@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from sdserver import __version__
 from sdserver.api import a1111, errors, history, models, openai, ops, studio
 from sdserver.api.jobs import router as jobs_router
-from sdserver.api.middleware import BodySizeLimit, RequestLog
+from sdserver.api.middleware import BodySizeLimit, PagePolicy, RequestLog
 from sdserver.api.original import router as original_router
 from sdserver.api.security import ApiKeyAuth
 from sdserver.engine import Engine
@@ -27,6 +27,12 @@ from sdserver.service.scheduler import Scheduler
 from sdserver.settings import Settings
 
 log = logging.getLogger(__name__)
+# Swagger UI and ReDoc run inline scripts and styles; everything else they need comes from this server.
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 
 def create_app(
@@ -110,9 +116,10 @@ def create_app(
     errors.register_renderer("/v1/", errors.render_v1)
     errors.register_renderer("/sdapi/", a1111.render_error)
     # The last added runs first: log → CORS (so even a 401 or 413 is readable by an allowed page)
-    # → body size limit → auth → routes.
+    # → the pages' content security policy → body size limit → auth → routes.
     app.add_middleware(ApiKeyAuth, settings=settings)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_body_mb * 1e6))
+    app.add_middleware(PagePolicy, policies={"/": studio.CSP, "/docs": DOCS_CSP, "/redoc": DOCS_CSP})
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]

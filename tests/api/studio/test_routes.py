@@ -35,8 +35,10 @@ def test_the_studio_page_and_its_files_come_from_the_package(client: TestClient)
 
 def test_the_api_docs_load_swagger_ui_and_redoc_from_this_server(client: TestClient) -> None:
     for path in ("/docs", "/redoc"):
-        html = client.get(path).text
+        response = client.get(path)
+        html = response.text
         assert not EXTERNAL.search(html), path
+        assert "default-src 'self'" in response.headers["content-security-policy"], path
         assets = [ref for ref in local_references(html) if ref.endswith((".js", ".css"))]
         assert assets, path
         for asset in assets:

@@ -43,7 +43,10 @@ def browser(playwright: Playwright) -> Iterator[Browser]:
 
 
 class Offline:
-    """A browser context where every request whose host is not 127.0.0.1 is aborted and recorded."""
+    """A browser context where every request whose host is not 127.0.0.1 is aborted and recorded.
+
+    The pages also send a Content-Security-Policy that keeps the browser from even trying: what it
+    refuses is recorded too (as `refused`)."""
 
     def __init__(self, browser: Browser, **options: Any) -> None:
         self.context = browser.new_context(**options)
@@ -52,7 +55,13 @@ class Offline:
         self.context.set_default_timeout(30_000)
         self.page = self.context.new_page()
         self.page_errors: list[str] = []
+        self.refused: list[str] = []
         self.page.on("pageerror", lambda error: self.page_errors.append(str(error)))
+        self.page.on("console", self._console)
+
+    def _console(self, message: Any) -> None:
+        if "Content Security Policy" in message.text:
+            self.refused.append(message.text)
 
     def _route(self, route: Route, request: Request) -> None:
         if urlparse(request.url).hostname != "127.0.0.1":
@@ -68,6 +77,7 @@ def offline(browser: Browser) -> Iterator[Offline]:
     yield session
     session.context.close()
     assert session.blocked == [], f"requests left 127.0.0.1: {session.blocked}"
+    assert session.refused == [], f"refused by the page's policy: {session.refused}"
     assert session.page_errors == [], f"errors in the page: {session.page_errors}"
 
 
@@ -359,12 +369,21 @@ def test_the_layout_fits_a_desktop_and_a_phone(browser: Browser, server: LiveSer
         assert session.page.get_by_role("button", name="Generate").is_visible()
     finally:
         session.context.close()
-    assert session.blocked == []
+    assert session.blocked == [] and session.refused == [] and session.page_errors == []
 
 
-def test_docs_and_redoc_render_offline(page: Page, server: LiveServer) -> None:
+def test_docs_and_redoc_render_offline(offline: Offline, server: LiveServer) -> None:
+    page = offline.page
     page.goto(server.url + "/docs")
     expect(page.locator(".swagger-ui .info .title")).to_contain_text("sdserver")
     expect(page.locator(".swagger-ui").get_by_text("/v1/history", exact=True).first).to_be_visible()
     page.goto(server.url + "/redoc")
     expect(page.locator("h1").first).to_contain_text("sdserver")
+    expect(page.get_by_text("API docs by Redocly")).to_be_visible()
+    # ReDoc's bundle asks for its logo from its CDN: the page's policy refuses it before any request.
+    for _ in range(100):
+        if offline.refused:
+            break
+        page.wait_for_timeout(100)
+    assert len(offline.refused) == 1 and "cdn.redoc.ly/redoc/logo-mini.svg" in offline.refused[0]
+    offline.refused.clear()

@@ -1,7 +1,7 @@
 // The source image of img2img and inpaint, drawn at the size that will be generated, with a mask
 // painted over it (white = repaint, in the exported mask).
 
-const PAINT = "rgb(255, 40, 90)";
+const PAINT = [255, 255, 255]; // shown at the mask canvas's opacity over the image
 
 export class SourceEditor {
   constructor(imageCanvas, maskCanvas) {
@@ -49,9 +49,7 @@ export class SourceEditor {
     const pixels = ctx.getImageData(0, 0, this.maskCanvas.width, this.maskCanvas.height);
     const data = pixels.data;
     for (let i = 0; i < data.length; i += 4) {
-      data[i] = 255;
-      data[i + 1] = 40;
-      data[i + 2] = 90;
+      [data[i], data[i + 1], data[i + 2]] = PAINT;
       data[i + 3] = 255 - data[i + 3];
     }
     ctx.putImageData(pixels, 0, 0);
@@ -119,7 +117,7 @@ export class SourceEditor {
   #stroke(from, to) {
     const ctx = this.maskCanvas.getContext("2d");
     ctx.globalCompositeOperation = this.erasing ? "destination-out" : "source-over";
-    ctx.strokeStyle = PAINT;
+    ctx.strokeStyle = `rgb(${PAINT.join(", ")})`;
     ctx.lineWidth = this.brush * to.scale;
     ctx.lineCap = "round";
     ctx.lineJoin = "round";
