@@ -251,6 +251,17 @@ def test_reuse_settings_from_a_history_item(page: Page, server: LiveServer) -> N
     expect(page.get_by_label("Seed", exact=True)).to_have_value("1234")
     expect(page.get_by_label("Guidance", exact=True)).to_have_value("3.5")
     expect(page.get_by_label("Width", exact=True)).to_have_value("64")
+    # Send it to img2img: it becomes the image to work on, and a new image comes of it.
+    gallery_image(page, prompt).click()
+    dialog.get_by_role("button", name="Send to img2img").click()
+    expect(page.get_by_role("radio", name="Image to image")).to_be_checked()
+    page.get_by_label("Strength", exact=True).fill("0.5")
+    with page.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as sent:
+        page.get_by_role("button", name="Generate").click()
+    body = sent.value.post_data_json
+    assert (body["task"], body["strength"], body["seed"]) == ("img2img", 0.5, 1234)
+    assert _pixels(body["init_image"]).shape == (64, 64, 3)
+    expect(page.locator("#results").get_by_role("img", name=f"{prompt} (seed 1234)")).to_be_visible()
 
 
 def drop_file(page: Page, data: bytes, name: str, selector: str = ".controls") -> None:
