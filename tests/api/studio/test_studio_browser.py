@@ -330,6 +330,9 @@ def test_history_survives_a_reload_and_a_restart(offline: Offline, tiny_model: P
         image = page.get_by_role("dialog").get_by_role("img", name="kept across restarts")
         expect(image).to_be_visible()
         assert page.evaluate("(img) => img.naturalWidth", image.element_handle()) == 64
+        page.get_by_role("dialog").get_by_role("button", name="Delete").click()
+        expect(gallery_image(page, "kept across restarts")).to_have_count(0)
+        assert list((tmp_path / "outputs").rglob("*.png")) == []
     finally:
         second.stop()
 
