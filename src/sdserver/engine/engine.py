@@ -9,7 +9,15 @@ from contextlib import contextmanager
 from PIL import Image
 
 from sdserver.core.errors import Cancelled, InvalidRequest
-from sdserver.core.types import GeneratedImage, GenerationRequest, LoraRef, PreparedRequest, strength_problem
+from sdserver.core.types import (
+    SAMPLER_NAMES,
+    GeneratedImage,
+    GenerationRequest,
+    LoraRef,
+    PreparedRequest,
+    strength_problem,
+)
+from sdserver.engine import families
 from sdserver.engine.device import device_memory, pick_device, pick_dtype
 from sdserver.engine.loaders import LoadedPipelines
 from sdserver.engine.loras import LoraLibrary, applied
@@ -124,6 +132,17 @@ class Engine:
                 session.step([state for state in states if not state.done])
                 on_step(done, total, lambda: [image for state in states for image in session.previews(state)])
             return session.finish(states)
+
+    def native_size(self, name: str | None) -> int | None:
+        """The model's native image side (px), known once it is loaded; asking never loads a model."""
+        loaded = self.registry.loaded(name)
+        return None if loaded is None else loaded.native_size
+
+    def samplers(self, name: str | None) -> list[str]:
+        """The sampler names valid for the model's family (from its files when it is not loaded; every
+        name while its kind is unknown, e.g. a hub model not yet loaded); asking never loads a model."""
+        family = families.for_kind(self.registry.info(name).kind)
+        return list(family.samplers) if family is not None else list(SAMPLER_NAMES)
 
     def model_hash(self, name: str | None) -> str | None:
         """sha256 (hex) of the model's denoiser weights, computed when it was first loaded (not per
