@@ -21,7 +21,7 @@ import json
 import random
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from diffusers import (
@@ -46,23 +46,16 @@ from transformers import (  # type: ignore[attr-defined]  # T5TokenizerFast: an 
 )
 
 from sdserver.engine.architectures import architectures_root
+from sdserver.engine.flowfiles import SD3_HEAD_CHANNELS, VARIANTS, Variant, flux_rope_axes
 
-FlowArch = Literal["sd3-medium", "sd3.5-medium", "sd3.5-large", "flux-dev", "flux-schnell", "flux-fill"]
-FLOW_ARCHS: tuple[FlowArch, ...] = (
-    "sd3-medium",
-    "sd3.5-medium",
-    "sd3.5-large",
-    "flux-dev",
-    "flux-schnell",
-    "flux-fill",
-)
+FlowArch = Variant
+FLOW_ARCHS = VARIANTS
 # Short names: "sd3" is the SD 3.5 Medium layout (QK norm and dual attention: every SD3 code path).
 ALIASES: dict[str, FlowArch] = {"sd3": "sd3.5-medium", "flux": "flux-dev"}
 
 CLIP_TOKENS = 77
 T5_WIDTH = 128  # SD3 pads CLIP-L + CLIP-G (32 + 64) to the T5 width
 T5_EXTRA_IDS = 100
-SD3_HEAD = 64  # channels per head in every SD3 / 3.5 model
 FLUX_HEAD = 32
 
 
@@ -198,8 +191,8 @@ def _sd3_transformer(arch: str, joint: int, pooled: int) -> SD3Transformer2DMode
         "sample_size": 8,  # native 64 px with the 8x VAE (the full model: 1024)
         "num_layers": 2,
         "num_attention_heads": 1,
-        "attention_head_dim": SD3_HEAD,
-        "caption_projection_dim": SD3_HEAD,
+        "attention_head_dim": SD3_HEAD_CHANNELS,
+        "caption_projection_dim": SD3_HEAD_CHANNELS,
         "joint_attention_dim": joint,
         "pooled_projection_dim": pooled,
         "pos_embed_max_size": 32,
@@ -219,13 +212,6 @@ def _flux_transformer(arch: str, joint: int, pooled: int) -> FluxTransformer2DMo
         "axes_dims_rope": flux_rope_axes(FLUX_HEAD),
     }
     return FluxTransformer2DModel(**(shipped(arch, "transformer") | sizes))
-
-
-def flux_rope_axes(head: int) -> tuple[int, int, int]:
-    """FLUX's rotary axes (time, height, width) for a head width: the real 128 -> (16, 56, 56)."""
-    time = head // 8
-    side = (head - time) // 2
-    return (time, side, side)
 
 
 def _amplify(transformer: Any, *, text: float, out: float) -> None:
@@ -255,11 +241,14 @@ def _sd3_pipeline(arch: FlowArch, t5: bool, tmp: Path) -> Any:
     tokenizer_3 = write_t5_tokenizer(tmp / "tokenizer_3") if t5 else None
     transformer = _sd3_transformer(arch, joint=T5_WIDTH, pooled=32 + 64)
     _amplify(transformer, text=8.0, out=1.0)
+    clip_l: Any = _clip(arch, "text_encoder", 32, tokenizer, projection=True)
+    with torch.no_grad():  # SD3 pools CLIP-L unprojected (diffusers' single-file loader: an identity)
+        clip_l.text_projection.weight.copy_(torch.eye(32))
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=_scheduler(arch),
         vae=_vae(arch),
-        text_encoder=_clip(arch, "text_encoder", 32, tokenizer, projection=True),
+        text_encoder=clip_l,
         tokenizer=tokenizer,
         text_encoder_2=_clip(arch, "text_encoder_2", 64, tokenizer_2, projection=True),
         tokenizer_2=tokenizer_2,
