@@ -6,13 +6,17 @@ architecture config (assets/architectures/<arch>) shrunk, so single-file copies 
 back through the same code as the real files:
 - CLIP-L is 32 wide and CLIP-G 64 wide (diffusers' single-file loader tells them apart by width),
   both with CLIP's real 49,408-token vocabulary, as single files need;
-- the T5 encoder is a T5 v1.1 (gated-GELU) encoder, 32 wide, with a small Unigram tokenizer trained
-  here on generated captions (real T5's ids for `<pad>`, `</s>`, `<unk>` and its `<extra_id_*>`s);
+- SD3 pools CLIP-L unprojected: its projection is the identity (as diffusers' single-file loader sets);
+- the T5 encoder is a T5 v1.1 (gated-GELU) encoder, 128 wide (SD3 pads CLIP-L + CLIP-G to T5's
+  width), with a small Unigram tokenizer trained here on generated captions (real T5's ids for
+  `<pad>`, `</s>`, `<unk>`, `</s>` appended, 100 `<extra_id_*>` sentinels last);
 - the VAE is 16-channel and 8x down-sampling with the real model's scaling and shift factors;
-- channels per attention head follow the real models' rule (SD3: 64, FLUX: read from the QK norm),
-  so a single file's head count can be told from its shapes.
-A few output layers are scaled up: with plain random init the image barely reacts to the prompt or
-the seed, which tests of "the prompt changes the image" need.
+- channels per attention head follow the real models' rule (SD3: 64; FLUX: read from the QK norm),
+  so a single file's head count can be told from its shapes;
+- "sd3" is the SD 3.5 Medium layout (QK norm, dual attention on the first block), "flux" FLUX.1 dev.
+The text inputs (and FLUX's output) are scaled up: with plain random init the image barely reacts to
+the prompt, which tests of "the prompt changes the image" need. Drawing 64x64 in 4 steps takes
+about 0.2 s on a CPU; a folder is 17 MB (FLUX) to 33 MB (SD3), mostly CLIP's vocabulary.
 """
 
 from __future__ import annotations
