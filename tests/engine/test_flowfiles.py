@@ -267,6 +267,18 @@ def test_encoders_must_be_of_the_same_family_and_have_what_is_missing(flow_model
         load(flux, encoders=partial)
     assert "VAE" in one_line(lacking) and str(partial) in lacking.value.message
 
+    empty = tmp_path / "no-vocabulary"
+    for file in flow_model("flux").folder.rglob("*"):
+        if file.is_file() and file.parent.name != "tokenizer_2":
+            target = empty / file.relative_to(flow_model("flux").folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(file.read_bytes())
+    (empty / "tokenizer_2").mkdir()
+    (empty / "tokenizer_2" / "tokenizer_config.json").write_text('{"tokenizer_class": "T5Tokenizer"}')
+    with pytest.raises(ModelLoadError) as no_vocabulary:
+        load(flux, encoders=empty)
+    assert "tokenizer_2 has no vocabulary" in one_line(no_vocabulary)
+
     with pytest.raises(ModelLoadError) as unreadable:
         load(flux, encoders=tmp_path / "nothing")
     assert "model_index.json" in one_line(unreadable)

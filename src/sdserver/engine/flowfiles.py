@@ -405,6 +405,9 @@ def _family_name(family: Family) -> str:
     return "Stable Diffusion 3 / 3.5" if family == "sd3" else "FLUX.1"
 
 
+_T5_WITHOUT_VOCABULARY = 104  # <pad>, </s>, <unk>, "▁" and 100 sentinels: what transformers makes of nothing
+
+
 def _t5_tokenizer(family: Family) -> str:
     return "tokenizer_3" if family == "sd3" else "tokenizer_2"
 
@@ -516,7 +519,13 @@ def _component(
         return None
     if source == "encoders":
         assert lender is not None
-        return lender.load(name, dtype)
+        loaded = lender.load(name, dtype)
+        if name == _t5_tokenizer(info.family) and len(loaded) <= _T5_WITHOUT_VOCABULARY:
+            # transformers 5 builds a placeholder T5 tokenizer when the vocabulary file is absent.
+            raise ModelLoadError(
+                f"encoders {lender.source!r}: its {name} has no vocabulary (no spiece.model or tokenizer.json)"
+            )
+        return loaded
     library, class_name = _components(_shipped_index(info.variant))[name]
     model_class = getattr(importlib.import_module(library), class_name)
     if source == "config":  # the scheduler, the CLIP tokenizers
