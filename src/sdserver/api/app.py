@@ -16,7 +16,7 @@ from sdserver.api import a1111, errors, models, openai, ops
 from sdserver.api.jobs import router as jobs_router
 from sdserver.api.middleware import BodySizeLimit, RequestLog
 from sdserver.api.original import router as original_router
-from sdserver.api.security import ApiKeyAuth
+from sdserver.api.security import ApiKeyAuth, HostCheck, is_loopback
 from sdserver.engine import Engine
 from sdserver.service.jobs import JobStore
 from sdserver.service.metrics import Metrics
@@ -90,14 +90,16 @@ def create_app(
         app.include_router(router)
     errors.register_renderer("/v1/", errors.render_v1)
     errors.register_renderer("/sdapi/", a1111.render_error)
-    # The last added runs first: log → CORS (so even a 401 or 413 is readable by an allowed page)
-    # → body size limit → auth → routes.
+    # The last added runs first: log → Host check (beyond localhost) → CORS (so even a 401 or 413 is
+    # readable by an allowed page) → body size limit → auth → routes.
     app.add_middleware(ApiKeyAuth, settings=settings)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_body_mb * 1e6))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
+    if not is_loopback(settings.host):
+        app.add_middleware(HostCheck, allowed=HostCheck.names_for(settings))
     app.add_middleware(RequestLog, metrics=metrics)
     return app
 

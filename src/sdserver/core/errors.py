@@ -24,8 +24,25 @@ class PayloadTooLarge(InvalidRequest):
     """The request body is over the server's size limit."""
 
 
+class IdempotencyKeyReused(InvalidRequest):
+    """An Idempotency-Key sent again with a different request (the IETF draft's 422)."""
+
+
+class FieldError(ValueError):
+    """Raised inside validators: `validate_request` turns it into an InvalidRequest naming `name`
+    (in the client's own words) and showing `value`."""
+
+    def __init__(self, name: str, value: object, reason: str) -> None:
+        super().__init__(reason)
+        self.name, self.value, self.reason = name, value, reason
+
+
 class Unauthorized(SDServerError):
     """A missing or wrong API key."""
+
+
+class Forbidden(SDServerError):
+    """A valid key that may not do this (only the admin key manages models and A1111's options)."""
 
 
 class NotFound(SDServerError):
