@@ -91,9 +91,14 @@ def load_image(image: Image.Image) -> Image.Image:
     return image
 
 
+def has_alpha(image: Image.Image) -> bool:
+    """An alpha channel, or a palette with a transparent entry."""
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Flatten any mode (palette, RGBA, CMYK, 16-bit) to 8-bit RGB; transparency becomes white."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if has_alpha(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

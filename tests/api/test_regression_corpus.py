@@ -18,6 +18,7 @@ import json
 import logging
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -924,3 +925,18 @@ def test_19_the_address_is_checked_again_at_delivery(monkeypatch: pytest.MonkeyP
     sender.check_target(url)  # public at submission
     assert sender.deliver(url, "{}") is False
     assert receiver.received == []
+
+
+def test_19_the_readme_verifier_accepts_a_real_signature_and_nothing_else() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    block = next(code for code in readme.split("```python")[1:] if "def verified(" in code).split("```")[0]
+    namespace: dict[str, Any] = {}
+    exec(block, namespace)
+    verified = namespace["verified"]
+    body = b'{"id": "abc", "status": "succeeded"}'
+    header = webhooks.sign(SECRET, body, int(time.time()))
+    assert verified(SECRET, header, body)
+    assert not verified("another secret", header, body)
+    assert not verified(SECRET, header, body + b" ")
+    assert not verified(SECRET, webhooks.sign(SECRET, body, int(time.time()) - 600), body)  # a replay
+    assert not verified(SECRET, "garbage", body)

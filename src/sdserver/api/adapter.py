@@ -48,8 +48,8 @@ async def serve(
     try:
         result: GenerationResult | None = await wait(request, job)
     except Cancelled:
-        if not answer_when_cancelled or job.error is None:
-            raise  # the client hung up: nothing to answer
+        if not answer_when_cancelled:
+            raise
         result = None
     return await run_in_threadpool(render, job.request, result)
 

@@ -166,8 +166,8 @@ class HostCheck:
     @classmethod
     def names_for(cls, settings: Settings) -> set[str]:
         names = {"localhost", *settings.allowed_hosts}
-        hostname = socket.gethostname().lower()
-        names |= {hostname, f"{hostname}.local", socket.getfqdn().lower()}
+        hostname = socket.gethostname().lower()  # (not getfqdn: a reverse DNS lookup may hang offline)
+        names |= {hostname, hostname.split(".")[0], f"{hostname.split('.')[0]}.local"}
         if settings.public_url:
             names.add(urlsplit(settings.public_url).hostname or "")
         return names - {""}

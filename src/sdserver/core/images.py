@@ -9,7 +9,7 @@ from typing import Literal
 from PIL import Image
 
 from sdserver.core.errors import FieldError
-from sdserver.imaging import b64decode, load_image, open_image_header, to_rgb
+from sdserver.imaging import b64decode, has_alpha, load_image, open_image_header, to_rgb
 
 # Masks are resized with the same filter as images: white/black edges come out soft, and the
 # pipelines binarise them at 50% (so do the pixels kept as sent), which LANCZOS does best.
@@ -43,8 +43,8 @@ def decode_field(image: Image.Image, field: str, mode: ImageMode = "RGB") -> Ima
         loaded = load_image(image)
     except ValueError as exc:
         raise FieldError(field, None, str(exc)) from None
-    if mode == "RGB":
-        return to_rgb(loaded)
+    if mode == "RGB" or (mode == "RGBA" and not has_alpha(loaded)):  # to_rgb knows 16-bit, CMYK...
+        loaded = to_rgb(loaded)
     return loaded if loaded.mode == mode else loaded.convert(mode)
 
 

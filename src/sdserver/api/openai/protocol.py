@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sdserver.api.adapter import fitted_images, ignored, open_header, random_seed
 from sdserver.core.errors import InvalidRequest
 from sdserver.core.types import GenerationRequest, GenerationResult, Limits, Task, validate_request
-from sdserver.imaging import encode_image, to_rgb
+from sdserver.imaging import encode_image, has_alpha, to_rgb
 
 # OpenAI's model names, as clients send them by default: they mean "the server's default model".
 OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image", "chatgpt-image")
@@ -141,10 +141,6 @@ def generation_request(body: GenerationsBody, limits: Limits) -> GenerationReque
     return validate_request(data, names=NAMES, limits=limits)
 
 
-def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-
-
 def repaint_mask(image: Image.Image) -> Image.Image:
     """OpenAI's convention (transparent = repaint) as the core's (white = repaint)."""
     alpha = image.convert("RGBA").getchannel("A")
@@ -171,7 +167,7 @@ def edit_request(
     every limit checked before a pixel is decoded."""
     width, height = parse_size(size)
     opened_mask = None if mask is None else open_header(mask, "mask_image", limits, NAMES)
-    if opened_mask is not None and not _has_alpha(opened_mask):
+    if opened_mask is not None and not has_alpha(opened_mask):
         raise InvalidRequest(
             "mask: must be a PNG with an alpha channel (its transparent pixels are repainted), "
             f"got mode {opened_mask.mode}",
