@@ -609,8 +609,11 @@ def test_14_fields_not_taken_are_said_to_be_ignored(http: httpx.Client, caplog: 
             "/txt2img", data={"prompt": "x", "num_inference_steps": 2, "width": 64, "height": 64, "colour": "red"}
         )
         http.post("/v1/images/generations", json={"prompt": "x", "size": "64x64", "steps": 2, "quality": "hd"})
+        edit = {**OPENAI, "quality": "hd", "colour": "red"}
+        http.post("/v1/images/edits", data=edit, files=_multipart_image(png((64, 64))))
     lines = [json.loads(record.getMessage()) for record in caplog.records if record.name == "sdserver.access"]
     assert lines[0]["ignored_fields"] == ["colour"] and lines[1]["ignored_openai"] == ["quality"]
+    assert (lines[2]["ignored_fields"], lines[2]["ignored_openai"]) == (["colour"], ["quality"])
     sent = {"enable_hr": True, "hr_scale": 2, "restore_faces": False, "override_settings": {"samples_format": "jpg"}}
     a1111 = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64, **sent})
     notes = json.loads(a1111.json()["info"])["notes"]

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sdserver.api.middleware import note
 from sdserver.api.security import principal_of
-from sdserver.core.errors import Cancelled, FieldError, InvalidRequest
+from sdserver.core.errors import Cancelled, FieldError
 from sdserver.core.images import ImageMode, decode_field, fit, open_field
 from sdserver.core.limits import Limits
 from sdserver.core.sizing import output_size
@@ -92,6 +92,23 @@ async def wait(request: Request, job: Job) -> GenerationResult:
             scheduler.cancel(job.id)
 
 
+def public_base_url(request: Request) -> str:
+    """Where links to this server point: `public_url` if set, else the address this connection
+    reached (the socket's own address, never the client's Host header, which anyone can forge)."""
+    public_url: str | None = request.app.state.settings.public_url
+    if public_url:
+        return public_url
+    server = request.scope.get("server")
+    root = request.scope.get("root_path", "").rstrip("/")
+    if not server:  # a UNIX socket: nothing better than what the client says (the Host check ran)
+        return str(request.base_url).rstrip("/")
+    host, port = server[0], server[1]
+    host = f"[{host}]" if ":" in host else host
+    scheme = request.scope.get("scheme", "http")
+    default = (scheme == "http" and port == 80) or (scheme == "https" and port == 443)
+    return f"{scheme}://{host}{'' if default or port is None else f':{port}'}{root}"
+
+
 def random_seed(value: Any) -> Any:
     """The original API's, OpenAI's and A1111's "no seed": 0 or -1 (or nothing) asks for a random seed,
     which the core then picks once and reports. Any other value goes to the core as it is (the jobs
@@ -113,19 +130,12 @@ def ignored(fields: Mapping[str, Any], known: set[str], *, what: str = "ignored_
     return unknown
 
 
-def error(exc: FieldError, names: Mapping[str, str] | None = None) -> InvalidRequest:
-    """A FieldError raised outside a GenerationRequest, as the 400 naming the client's own field."""
-    shown = (names or {}).get(exc.name, exc.name)
-    got = "" if exc.value is None else f", got {exc.value!r}"
-    return InvalidRequest(f"{shown}: {exc.reason}{got}", field=shown)
-
-
 def open_header(value: str | bytes | Image.Image, field: str, limits: Limits, names: Mapping[str, str]) -> Image.Image:
     """An image field's header (format, size, the input limit), nothing decoded: a 400 naming the field."""
     try:
         return open_field(value, field, limits.max_input_pixels)
     except FieldError as exc:
-        raise error(exc, names) from None
+        raise exc.invalid(names) from None
 
 
 def fitted_images(
@@ -154,4 +164,4 @@ def fitted_images(
             return image, None
         return image, fit(decode_field(opened_mask, "mask_image", mode), size, mask=not keep_alpha)
     except FieldError as exc:
-        raise error(exc, names) from None
+        raise exc.invalid(names) from None

@@ -6,6 +6,8 @@ and each protocol renders them in its own response shape.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class SDServerError(Exception):
     """Base class: `message` is safe to show to a client."""
@@ -35,6 +37,15 @@ class FieldError(ValueError):
     def __init__(self, name: str, value: object, reason: str) -> None:
         super().__init__(reason)
         self.name, self.value, self.reason = name, value, reason
+
+    def invalid(self, names: Mapping[str, str] | None = None) -> InvalidRequest:
+        """The 400 for this, naming the field as the client calls it (`names`: ours -> theirs)."""
+        shown = (names or {}).get(self.name, self.name)
+        if self.value is None:
+            return InvalidRequest(f"{shown}: {self.reason}", field=shown)
+        value = repr(self.value)
+        value = value if len(value) <= 60 else value[:57] + "..."
+        return InvalidRequest(f"{shown}: {self.reason}, got {value}", field=shown)
 
 
 class Unauthorized(SDServerError):

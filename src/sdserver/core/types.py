@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from sdserver.core.errors import FieldError, InvalidRequest
-from sdserver.core.images import decode_field, open_field
+from sdserver.core.images import decode_field, fit, open_field
 from sdserver.core.limits import Limits
 from sdserver.core.sizing import output_size
 
@@ -195,6 +195,25 @@ class GenerationRequest(BaseModel):
             if (image := getattr(self, name)) is not None:
                 self.__dict__[name] = decode_field(image, name)  # frozen to clients, not to its own validator
         return self
+
+    def sized(self, limits: Limits, native: int | None) -> GenerationRequest:
+        """The request at the size it will generate (core.sizing's rule, `native` the model's size):
+        width and height filled in, the init image and mask resized to them (one resampling rule)."""
+        source = self.init_image.size if self.init_image is not None else None
+        try:
+            size = output_size(self.width, self.height, source, limits, native=native)
+        except FieldError as exc:
+            raise exc.invalid() from None
+        assert size is not None  # an init image or the native size gives one
+        init, mask = self.init_image, self.mask_image
+        return self.model_copy(
+            update={
+                "width": size[0],
+                "height": size[1],
+                "init_image": None if init is None else fit(init, size),
+                "mask_image": None if mask is None else fit(mask, size, mask=True),
+            }
+        )
 
     def with_seed(self) -> GenerationRequest:
         """Fix a random seed now, so the result reports the seed that reproduces it."""

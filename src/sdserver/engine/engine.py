@@ -6,10 +6,8 @@ import logging
 from collections.abc import Sequence
 
 from sdserver import metadata
-from sdserver.core.errors import Cancelled, FieldError, GenerationError, InvalidRequest, OutOfMemory, SDServerError
-from sdserver.core.images import fit
+from sdserver.core.errors import Cancelled, GenerationError, InvalidRequest, OutOfMemory, SDServerError
 from sdserver.core.limits import Limits
-from sdserver.core.sizing import output_size
 from sdserver.core.types import GeneratedImage, GenerationRequest
 from sdserver.engine.device import device_memory, free_device_memory, is_out_of_memory, pick_device, pick_dtype
 from sdserver.engine.loaders import LoadedPipelines
@@ -88,24 +86,8 @@ class Engine:
             if request.clip_skip > layers:
                 reason = f"must be at most {layers} (the CLIP layers of model {spec.name!r})"
                 raise InvalidRequest(f"clip_skip: {reason}, got {request.clip_skip}", field="clip_skip")
-        update.update(self._fitted(request, spec.name))
-        return request.model_copy(update=update)
-
-    def _fitted(self, request: GenerationRequest, model: str) -> dict[str, object]:
-        """The size generated (core.sizing's rule, the limits applied), and the input images at it."""
-        init, mask = request.init_image, request.mask_image
-        native = None if init is not None else self.registry.get(model).native_size
-        try:
-            size = output_size(request.width, request.height, init.size if init else None, self.limits, native=native)
-        except FieldError as exc:
-            raise InvalidRequest(f"{exc.name}: {exc.reason}", field=exc.name) from None
-        assert size is not None
-        return {
-            "width": size[0],
-            "height": size[1],
-            "init_image": None if init is None else fit(init, size),
-            "mask_image": None if mask is None else fit(mask, size, mask=True),
-        }
+        native = None if request.init_image is not None else self.registry.get(spec.name).native_size
+        return request.model_copy(update=update).sized(self.limits, native)
 
     def run(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[GeneratedImage]]:
         """Run prepared, compatible requests as one pipeline call."""

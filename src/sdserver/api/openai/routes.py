@@ -18,6 +18,7 @@ from sdserver.api import adapter
 from sdserver.api.deps import EngineDep, SettingsDep
 from sdserver.api.fields import GuardedRoute
 from sdserver.api.openai.protocol import (
+    IGNORED,
     VARIATION_PROMPT,
     Extensions,
     GenerationsBody,
@@ -32,7 +33,7 @@ from sdserver.api.openai.protocol import (
     generation_request,
     image_bytes,
 )
-from sdserver.api.openai.urls import ImageUrlStore, public_base_url
+from sdserver.api.openai.urls import ImageUrlStore
 from sdserver.core.errors import InvalidRequest
 from sdserver.core.types import GenerationRequest, GenerationResult
 from sdserver.imaging import MEDIA_TYPES
@@ -82,7 +83,7 @@ def _respond(
     for seed, raw in zip(encoded.seeds, encoded.files, strict=True):
         if response_format == "url":  # a link on the server's own address (or --public-url), never the Host sent
             token = store.put(raw, MEDIA_TYPES[output_format])
-            url = public_base_url(request) + request.app.url_path_for("openai_image_file", token=token)
+            url = adapter.public_base_url(request) + request.app.url_path_for("openai_image_file", token=token)
             data.append(ImageData(url=url, seed=seed))
         else:
             data.append(ImageData(b64_json=base64.b64encode(raw).decode("ascii"), seed=seed))
@@ -107,6 +108,15 @@ async def _upload(files: list[UploadFile | None], field: str, required: bool) ->
     if required:
         raise InvalidRequest(f"{field}: an image file is required", field=field)
     return None
+
+
+async def _note_unused_fields(request: Request) -> None:
+    """Form fields this route does not take, or takes and ignores: named in the request's log line."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    taken = {param.alias for param in getattr(dependant, "body_params", [])}
+    form = await request.form()  # already parsed for the route: this is the cached copy
+    adapter.ignored(dict(form), taken)
+    adapter.ignored({name: form[name] for name in IGNORED if name in form}, set(), what="ignored_openai")
 
 
 FormStr = Annotated[str | None, Form()]
@@ -143,6 +153,7 @@ async def edit_image(
 ) -> ImagesResponse:
     """Edit an image (OpenAI's `images.edit`): inpainting where `mask` (or, without one, the image itself)
     is transparent; an image without any transparency is reworked as a whole (img2img, `strength`)."""
+    await _note_unused_fields(request)
     raw = await _upload([image, *(image_list or [])], "image", required=True)
     assert raw is not None
     mask_raw = await _upload([mask], "mask", required=False)
@@ -184,6 +195,7 @@ async def create_variation(
 ) -> ImagesResponse:
     """Variations of an image (OpenAI's `images.create_variation`): img2img of the whole picture (its
     transparency is not a mask here)."""
+    await _note_unused_fields(request)
     raw = await image.read()
     ext = Extensions(
         negative_prompt=negative_prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, sampler=sampler,

@@ -13,8 +13,6 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from starlette.requests import Request
-
 from sdserver.core.errors import NotFound
 
 
@@ -64,20 +62,3 @@ class ImageUrlStore:
 
     def __len__(self) -> int:
         return len(self._images)
-
-
-def public_base_url(request: Request) -> str:
-    """Where links to this server point: `public_url` if set, else the address this connection
-    reached (the socket's own address, never the client's Host header, which anyone can forge)."""
-    public_url: str | None = request.app.state.settings.public_url
-    if public_url:
-        return public_url
-    server = request.scope.get("server")
-    root = request.scope.get("root_path", "").rstrip("/")
-    if not server:  # a UNIX socket: nothing better than what the client says (the Host check ran)
-        return str(request.base_url).rstrip("/")
-    host, port = server[0], server[1]
-    host = f"[{host}]" if ":" in host else host
-    scheme = request.scope.get("scheme", "http")
-    default = (scheme == "http" and port == 80) or (scheme == "https" and port == 443)
-    return f"{scheme}://{host}{'' if default or port is None else f':{port}'}{root}"
