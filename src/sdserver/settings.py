@@ -232,6 +232,21 @@ class Settings(BaseSettings):
     image_url_ttl: float = Field(default=3600.0, gt=0)  # seconds an OpenAI response_format=url image lives
     image_url_max_mb: float = Field(default=512.0, gt=0)  # memory for those images; the oldest go first
 
+    # Studio and history (issue 13)
+    outputs_dir: str = Field(
+        default="outputs",
+        description="Folder of saved images and their index (history.sqlite3); relative paths start in the "
+        "working directory",
+    )
+    history: Literal["api", "all", "off"] = Field(
+        default="api",
+        description="What is saved: api = the studio and the jobs API, plus other APIs when the client asks "
+        "(A1111 save_images); all = every image; off = nothing",
+    )
+    history_max_gb: float | None = Field(
+        default=None, gt=0, description="Disk budget of saved images in GB; past it the oldest are deleted"
+    )
+
     # Reliability, tenants, links and webhooks (issue 18)
     admin_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -761,6 +761,20 @@ def test_16_the_queue_lists_ones_own_jobs_and_the_admin_every_job(tenants: TestC
     assert {mine, theirs} <= listed["admin"] and not listed["bob"] & {mine, theirs}
 
 
+def test_16_a_jobs_history_belongs_to_its_key(tenants: TestClient) -> None:
+    job_id = _job_of(tenants, "alice")
+    history = tenants.app.state.history  # type: ignore[attr-defined]
+    wait_until(lambda: bool(tenants.get(f"/v1/jobs/{job_id}", headers=auth("alice")).json()["images"][0]["history_id"]))
+    item = tenants.get(f"/v1/jobs/{job_id}", headers=auth("alice")).json()["images"][0]["history_id"]
+    assert history.get(item).owner == "alice"
+    for who, visible in (("alice", True), ("admin", True), ("bob", False), ("plain", False)):
+        listed = {entry["id"] for entry in tenants.get("/v1/history", headers=auth(who)).json()["items"]}
+        assert (item in listed) is visible, who
+        for path in (f"/v1/history/{item}", f"/v1/history/{item}/image"):
+            assert tenants.get(path, headers=auth(who)).status_code == (200 if visible else 404), (who, path)
+    assert tenants.delete(f"/v1/history/{item}", headers=auth("bob")).status_code == 404
+
+
 def test_16_a_plain_key_is_named_after_its_hash(tenants: TestClient) -> None:
     import hashlib
 

@@ -37,14 +37,15 @@ async def serve(
     render: Render[R],
     *,
     answer_when_cancelled: bool = False,
+    save: bool = False,
 ) -> R:
     """Build the request, queue it, wait for it, render the result.
 
     `render` gets the request as it ran (model, size and seed filled in). With
     `answer_when_cancelled`, a job stopped by a cancel (A1111's /interrupt) is rendered with no
-    result instead of failing."""
+    result instead of failing. `save`: the client asked for the images to be kept in the history."""
     generation = await run_in_threadpool(build)
-    job = await submit(request, generation)
+    job = await submit(request, generation, save=save)
     try:
         result: GenerationResult | None = await wait(request, job)
     except Cancelled:

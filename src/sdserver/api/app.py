@@ -6,24 +6,33 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from sdserver import __version__
-from sdserver.api import a1111, errors, models, openai, ops
+from sdserver.api import a1111, errors, history, models, openai, ops, studio
 from sdserver.api.jobs import router as jobs_router
-from sdserver.api.middleware import BodySizeLimit, RequestLog
+from sdserver.api.middleware import BodySizeLimit, PagePolicy, RequestLog
 from sdserver.api.original import router as original_router
 from sdserver.api.security import ApiKeyAuth, HostCheck, is_loopback
 from sdserver.engine import Engine
+from sdserver.service.history import History
 from sdserver.service.jobs import JobStore
 from sdserver.service.metrics import Metrics
 from sdserver.service.scheduler import Scheduler
 from sdserver.settings import Settings
 
 log = logging.getLogger(__name__)
+# Swagger UI and ReDoc run inline scripts and styles; everything else they need comes from this server.
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 
 def create_app(
@@ -52,6 +61,7 @@ def create_app(
             jobs=JobStore(ttl_s=settings.job_ttl, max_kept=settings.max_jobs_kept),
             metrics=metrics,
             on_worker_death=on_fatal,
+            history=app.state.history,
         )
         metrics.add_gauges("sdserver_queue", "Jobs waiting and running", lambda: {"depth": scheduler.queue_depth})
         metrics.add_gauges(
@@ -65,35 +75,51 @@ def create_app(
         scheduler.start()
         app.state.scheduler = scheduler
         log.info("ready: serving %s", ", ".join(app.state.engine.registry.names()))
+        _log_history(app.state.history)
         try:
             yield
         finally:
             if not await run_in_threadpool(scheduler.drain, settings.drain_timeout):
                 log.warning("drain timeout (%gs) reached: failing what is left", settings.drain_timeout)
             await run_in_threadpool(scheduler.stop)
+            await run_in_threadpool(app.state.history.close)  # finish the writes under way
 
     def engine_stats(key: str) -> dict[str, float]:
         return app.state.engine.stats()[key]
 
-    app = FastAPI(
+    # Swagger UI and ReDoc from files in the fastapi-offline package: /docs works with no network.
+    app = FastAPIOffline(
         title="sdserver",
         version=__version__,
         description="A local Stable Diffusion server: the original Stable Diffusion API Server's API, "
         "a jobs API, and more, over one queue.",
         lifespan=lifespan,
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from swagger.io
     )
+    _document_auth(app, settings)
     app.state.settings = settings
+    app.state.history = History.from_settings(settings)
     app.state.engine = engine or Engine.from_settings(settings)
     app.state.metrics = metrics
     errors.install(app)
-    for router in (ops.router, models.router, original_router, jobs_router, openai.router, a1111.router):
+    for router in (
+        ops.router,
+        models.router,
+        original_router,
+        jobs_router,
+        history.router,
+        openai.router,
+        a1111.router,
+    ):
         app.include_router(router)
+    studio.install(app)
     errors.register_renderer("/v1/", errors.render_v1)
     errors.register_renderer("/sdapi/", a1111.render_error)
     # The last added runs first: log → Host check (beyond localhost) → CORS (so even a 401 or 413 is
-    # readable by an allowed page) → body size limit → auth → routes.
+    # readable by an allowed page) → the pages' content security policy → body size limit → auth → routes.
     app.add_middleware(ApiKeyAuth, settings=settings)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_body_mb * 1e6))
+    app.add_middleware(PagePolicy, policies={"/": studio.CSP, "/docs": DOCS_CSP, "/redoc": DOCS_CSP})
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
@@ -102,6 +128,37 @@ def create_app(
         app.add_middleware(HostCheck, allowed=HostCheck.names_for(settings))
     app.add_middleware(RequestLog, metrics=metrics)
     return app
+
+
+def _log_history(kept: History) -> None:
+    if not kept.enabled:
+        log.info("history: off (nothing is saved)")
+        return
+    budget = "" if kept.max_bytes is None else f", at most {kept.max_bytes / 1e9:g} GB"
+    log.info(
+        "history: saving %s images to %s%s",
+        "all" if kept.mode == "all" else "the studio's and jobs API's",
+        kept.folder,
+        budget,
+    )
+
+
+def _document_auth(app: FastAPI, settings: Settings) -> None:
+    """Declare the API keys in the OpenAPI document, so /docs can send one ("Authorize")."""
+    if not settings.auth_enabled:
+        return
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = plain()
+        schemes = {"bearer": {"type": "http", "scheme": "bearer"}} if settings.api_keys else {}
+        if settings.api_auth:
+            schemes["basic"] = {"type": "http", "scheme": "basic"}
+        schema.setdefault("components", {})["securitySchemes"] = schemes
+        schema["security"] = [{name: []} for name in schemes]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def begin_shutdown(app: FastAPI) -> None:

@@ -31,6 +31,9 @@ from sdserver.settings import Settings, split_key
 
 log = logging.getLogger(__name__)
 ALWAYS_OPEN = frozenset({"/ping", "/health", "/ready"})
+# Pages a browser opens before it can send a key (the studio then asks for one), and the API docs.
+PUBLIC_PAGES = frozenset({"/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+PUBLIC_PREFIXES = ("/studio/", "/static-offline-docs/")
 # The original API: its clients (the Photoshop plugin) cannot send credentials.
 _ORIGINAL_API = re.compile(r"^/(custom_models|txt2img|img2img|masking|custom/.+)$")
 _LOOPBACK = ("127.", "::1", "localhost")
@@ -102,16 +105,17 @@ def _match(candidate: str, secrets: list[tuple[str, Principal]]) -> Principal | 
 
 
 class ApiKeyAuth:
-    """Every route but /ping, /health and /ready needs `Authorization: Bearer KEY` (or Basic user:pass
-    when --api-auth is set) once keys are configured; `open_original_api` exempts the original routes.
-    The caller's Principal is left in the scope for the routes."""
+    """Every route but /ping, /health, /ready and the pages (the studio, the API docs) needs
+    `Authorization: Bearer KEY` (or Basic user:pass when --api-auth is set) once keys are configured;
+    `open_original_api` exempts the original routes. The caller's Principal is left in the scope for
+    the routes."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app, self.settings = app, settings
         self.keys = KeyRing(settings)
 
     def is_open(self, path: str) -> bool:
-        if path in ALWAYS_OPEN:
+        if path in ALWAYS_OPEN or path in PUBLIC_PAGES or path.startswith(PUBLIC_PREFIXES):
             return True
         return self.settings.open_original_api and bool(_ORIGINAL_API.match(path))
 

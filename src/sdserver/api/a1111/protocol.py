@@ -3,10 +3,10 @@
 Honoured: prompt, negative_prompt, seed (-1 = random), batch_size x n_iter images (one batched
 call), steps, cfg_scale, width, height, sampler_name (or sampler_index) with scheduler (automatic,
 uniform, karras), eta, denoising_strength, init_images, mask, mask_blur, inpainting_mask_invert,
-send_images, override_settings (sd_model_checkpoint, CLIP_stop_at_last_layers). Accepted and
-ignored, each noted in `info.notes` when set: subseed/subseed_strength, styles, save_images, hires
-fix, restore_faces, tiling, scripts, resize_mode (always "just resize"), inpainting_fill,
-inpaint_full_res, any other field.
+send_images, save_images (into the server's history), override_settings (sd_model_checkpoint,
+CLIP_stop_at_last_layers). Accepted and ignored, each noted in `info.notes` when set:
+subseed/subseed_strength, styles, hires fix, restore_faces, tiling, scripts, resize_mode (always "just
+resize"), inpainting_fill, inpaint_full_res, any other field.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class Txt2ImgBody(BaseModel):
     )
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
-    save_images: bool = Field(default=False, description="Ignored: nothing is saved on the server")
+    save_images: bool = Field(default=False, description="Keep the images in the server's history (/v1/history)")
 
 
 class Img2ImgBody(Txt2ImgBody):
@@ -157,7 +157,7 @@ UNSUPPORTED: dict[str, Any] = {
     "enable_hr": False, "restore_faces": False, "tiling": False, "styles": None, "subseed_strength": 0.0,
     "script_name": None, "alwayson_scripts": None, "seed_resize_from_h": 0, "seed_resize_from_w": 0,
     "s_churn": 0, "s_tmin": 0, "s_tmax": 0, "s_noise": 1, "resize_mode": 0, "inpainting_fill": 0,
-    "inpaint_full_res": False, "save_images": False, "refiner_checkpoint": None, "image_cfg_scale": None,
+    "inpaint_full_res": False, "refiner_checkpoint": None, "image_cfg_scale": None,
 }  # fmt: skip
 INERT = frozenset(
     {

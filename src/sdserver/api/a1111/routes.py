@@ -94,7 +94,7 @@ async def _generate(request: Request, body: Txt2ImgBody, task: Task, engine: Eng
 
     build = lambda: generation_request(body, task, model, clip_skip, limits)  # noqa: E731
     # /interrupt and /skip: A1111 answers normally, here with no images
-    return await adapter.serve(request, build, render, answer_when_cancelled=True)
+    return await adapter.serve(request, build, render, answer_when_cancelled=True, save=body.save_images)
 
 
 @sdapi.post("/txt2img", response_model=ImagesOut)
