@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from PIL import Image
-
 from sdserver import metadata
 from sdserver.core.errors import Cancelled, GenerationError, InvalidRequest, OutOfMemory, SDServerError
+from sdserver.core.limits import Limits
 from sdserver.core.types import SAMPLER_NAMES, GeneratedImage, GenerationRequest
 from sdserver.engine.device import device_memory, free_device_memory, is_out_of_memory, pick_device, pick_dtype
 from sdserver.engine.loaders import LoadedPipelines
@@ -29,9 +28,11 @@ class Engine:
         fall_back_to_demo: bool = False,
         preload: list[str] | None = None,
         loras: LoraLibrary | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.registry = registry
         self.loras = loras or LoraLibrary(None)
+        self.limits = limits or Limits()
         self._fall_back_to_demo = fall_back_to_demo
         self._preload = preload or []
 
@@ -52,6 +53,7 @@ class Engine:
             fall_back_to_demo=not settings.model_explicit,
             preload=settings.preload,
             loras=LoraLibrary(settings.loras_dir),
+            limits=settings.limits,
         )
 
     def load(self) -> None:
@@ -84,15 +86,8 @@ class Engine:
             if request.clip_skip > layers:
                 reason = f"must be at most {layers} (the CLIP layers of model {spec.name!r})"
                 raise InvalidRequest(f"clip_skip: {reason}, got {request.clip_skip}", field="clip_skip")
-        if request.init_image is not None:
-            init = _fit_to_multiple(request.init_image, 8)
-            update.update(init_image=init, width=init.width, height=init.height)
-            if request.mask_image is not None:
-                update["mask_image"] = request.mask_image.convert("L").resize(init.size, Image.Resampling.LANCZOS)
-        else:
-            native = self.registry.get(spec.name).native_size
-            update.update(width=request.width or native, height=request.height or native)
-        return request.model_copy(update=update)
+        native = None if request.init_image is not None else self.registry.get(spec.name).native_size
+        return request.model_copy(update=update).sized(self.limits, native)
 
     def run(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[GeneratedImage]]:
         """Run prepared, compatible requests as one pipeline call."""
@@ -146,15 +141,6 @@ class Engine:
                     sampler=sampler,
                 )
                 metadata.attach(out.image, params)
-
-
-def _fit_to_multiple(image: Image.Image, multiple: int) -> Image.Image:
-    """Crop-free resize down to the nearest multiple, as the pipelines would do anyway."""
-    width = max(multiple, image.width - image.width % multiple)
-    height = max(multiple, image.height - image.height % multiple)
-    if (width, height) == image.size:
-        return image
-    return image.resize((width, height), Image.Resampling.LANCZOS)
 
 
 __all__ = ["Cancelled", "Engine"]
