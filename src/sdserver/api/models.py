@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from sdserver.api.deps import EngineDep
-from sdserver.engine import Engine
+
+if TYPE_CHECKING:
+    from sdserver.engine import Engine
 
 router = APIRouter(tags=["models"])
 

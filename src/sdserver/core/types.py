@@ -120,13 +120,13 @@ LoraField = Annotated[tuple[LoraRef, ...], BeforeValidator(_lora_refs)]
 class Limits(BaseModel):
     """Server-side caps on what one request may ask for (configurable in Settings)."""
 
-    max_images: int = Field(default=8, ge=1)
-    max_steps: int = Field(default=150, ge=1)
-    max_side: int = Field(default=2048, ge=8)
-    max_pixels: int = Field(default=2048 * 2048, ge=64)
-    max_prompt_chars: int = Field(default=4000, ge=1)
-    max_guidance: float = Field(default=30.0, ge=0)
-    max_loras: int = Field(default=8, ge=0)
+    max_images: int = Field(default=8, ge=1, description="Images per request at most")
+    max_steps: int = Field(default=150, ge=1, description="Denoising steps per request at most")
+    max_side: int = Field(default=2048, ge=8, description="Width or height in pixels at most")
+    max_pixels: int = Field(default=2048 * 2048, ge=64, description="Width x height at most")
+    max_prompt_chars: int = Field(default=4000, ge=1, description="Characters of a prompt (or negative prompt) at most")
+    max_guidance: float = Field(default=30.0, ge=0, description="guidance_scale at most")
+    max_loras: int = Field(default=8, ge=0, description="LoRAs per request at most")
 
 
 class GenerationRequest(BaseModel):
@@ -140,7 +140,7 @@ class GenerationRequest(BaseModel):
     negative_prompt: str | None = None
     num_images: int = Field(default=1, ge=1)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)  # None: pick a random one
-    steps: int = Field(default=50, ge=1)
+    steps: int | None = Field(default=None, ge=1)  # None: the model's own default (Engine.prepare fills it)
     guidance_scale: float = Field(default=7.5, ge=0.0, le=100.0, allow_inf_nan=False)
     eta: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     width: int | None = Field(default=None, ge=8, le=8192)  # None: the model's native size
@@ -185,7 +185,7 @@ class GenerationRequest(BaseModel):
             ("steps", self.steps, limits.max_steps),
             ("guidance_scale", self.guidance_scale, limits.max_guidance),
         ):
-            if value > limit:
+            if value is not None and value > limit:
                 raise _field_error(name, value, f"is over the limit of {limit}")
         for name in ("prompt", "negative_prompt"):
             length = len(getattr(self, name) or "")
@@ -202,11 +202,23 @@ class GenerationRequest(BaseModel):
             raise _field_error("init_image", None, f"is required for {self.task.value}")
         if self.task is Task.INPAINT and self.mask_image is None:
             raise _field_error("mask_image", None, "is required for inpaint")
-        if self.task is not Task.TXT2IMG and int(self.steps * self.strength) < 1:
-            # img2img runs steps * strength denoising steps; zero would change nothing (and crash diffusers)
-            reason = f"x steps {self.steps} gives no denoising step; raise strength or steps"
-            raise _field_error("strength", self.strength, reason)
+        if self.steps is not None:
+            self.check_denoising_steps(self.steps)
         return self
+
+    def with_steps(self, steps: int) -> GenerationRequest:
+        """This request with `steps` filled in (the model's default), checked as a given value would be."""
+        try:
+            self.check_denoising_steps(steps)
+        except _FieldError as exc:
+            raise InvalidRequest(f"{exc.name}: {exc.reason}, got {_short(exc.value)}", field=exc.name) from None
+        return self.model_copy(update={"steps": steps})
+
+    def check_denoising_steps(self, steps: int) -> None:
+        """img2img runs steps x strength denoising steps; zero would change nothing (and crash diffusers)."""
+        if self.task is not Task.TXT2IMG and int(steps * self.strength) < 1:
+            reason = f"x steps {steps} gives no denoising step; raise strength or steps"
+            raise _field_error("strength", self.strength, reason)
 
     def with_seed(self) -> GenerationRequest:
         """Fix a random seed now, so the result reports the seed that reproduces it."""

@@ -75,9 +75,11 @@ class Engine:
         return [self.registry.spec(name) for name in self.registry.names()]
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
-        """Check the request against its model and fill what the model decides (name, size)."""
+        """Check the request against its model and fill what the model decides (name, size, steps)."""
         spec = self.registry.spec(request.model)
         self.loras.check(request.loras)
+        if request.steps is None:
+            request = request.with_steps(self.registry.get(spec.name).default_steps)
         update: dict[str, object] = {"model": spec.name}
         if request.clip_skip is not None:
             layers = int(self.registry.get(spec.name).txt2img.text_encoder.config.num_hidden_layers)

@@ -34,7 +34,7 @@ from sdserver.core.errors import ModelLoadError, SDServerError, UnsupportedModel
 from sdserver.engine.architectures import Prediction, detect, write_config_folder
 from sdserver.engine.checkpoint import read_shapes, read_state_dict
 from sdserver.engine.safety import SafetyChecker
-from sdserver.settings import DEMO_MODEL, is_hub_id, is_single_file
+from sdserver.settings import DEMO_MODEL, is_hub_id, is_single_file, looks_like_path
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class _EmptyFp32Warning(logging.Filter):
 
 
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32Warning())
+diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components" bars: not in a server's log
 
 Form = Literal["folder", "file", "hub"]
 # diffusers pipeline classes whose folders we serve (img2img/inpaint folders hold the same parts).
@@ -60,6 +61,10 @@ _SERVED = {
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusionXLInpaintPipeline": "sdxl",
 }
+
+
+DEFAULT_STEPS = 50  # Stable Diffusion's own default (diffusers' pipelines); a model folder may say otherwise
+DEFAULTS_FILE = "sdserver.json"  # in a model folder: {"default_steps": 20}
 
 
 def demo_model_path() -> Path:
@@ -85,6 +90,7 @@ class LoadedPipelines:
     native_size: int
     weights_hash: str  # sha256 of the UNet weights: the "model hash" in image metadata
     memory_bytes: int  # parameters and buffers of this model's own components
+    default_steps: int = DEFAULT_STEPS  # denoising steps when a request names none
 
     @property
     def inpainting_unet(self) -> bool:
@@ -110,6 +116,8 @@ def resolve_source(source: str) -> tuple[str, Form]:
         return str(local), "file"
     if is_hub_id(source):
         return source, "hub"
+    if looks_like_path(source):
+        raise ModelLoadError(f"model {source!r}: no such file or folder")
     raise ModelLoadError(
         f"model {source!r} is neither a local diffusers folder, a .safetensors/.ckpt file, nor a hub id (owner/name)"
     )
@@ -189,7 +197,18 @@ def load_pipelines(
         native_size=int(unet.config.sample_size) * int(txt2img.vae_scale_factor),
         weights_hash=weights_hash(unet),
         memory_bytes=_memory_bytes(txt2img, checker if checker_from is None else None),
+        default_steps=_default_steps(Path(location) if form == "folder" else None),
     )
+
+
+def _default_steps(folder: Path | None) -> int:
+    """The folder's own `default_steps` (sdserver.json), else Stable Diffusion's."""
+    if folder is None or not (folder / DEFAULTS_FILE).is_file():
+        return DEFAULT_STEPS
+    steps = _read_json(folder / DEFAULTS_FILE).get("default_steps", DEFAULT_STEPS)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ModelLoadError(f"{folder / DEFAULTS_FILE}: default_steps must be a positive integer, got {steps!r}")
+    return steps
 
 
 def _from_single_file(path: Path, dtype: torch.dtype, prediction_type: Prediction | None) -> Any:
@@ -272,11 +291,37 @@ def _read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
 
 
 def _load_failure(source: str, from_hub: bool, exc: Exception) -> str:
-    reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    if from_hub:
+    """One line: what is missing and what to do (diffusers' own messages quote its internals)."""
+    if not from_hub:
+        return f"could not load model {source!r} ({_first_line(exc)})"
+    names = {type(cause).__name__ for cause in _causes(exc)}
+    text = " ".join(str(cause) for cause in _causes(exc))
+    token = "set HF_TOKEN (or hf_token in config.json)"
+    if "GatedRepoError" in names:
+        return f"model {source!r} is gated on the Hugging Face hub: accept its terms on huggingface.co, then {token}"
+    if "RepositoryNotFoundError" in names or "404" in text:
+        return f"no model {source!r} on the Hugging Face hub (check the id; a private one needs a token: {token})"
+    if "not fully cached" in text or "outgoing traffic has been disabled" in text or names & _OFFLINE_ERRORS:
         return (
-            f"could not load {source!r} from the Hugging Face hub ({reason}). Check the id, your network, "
-            "and for gated models set hf_token in config.json or HF_TOKEN; offline, download it first "
-            f"with `hf download {source}`"
+            f"model {source!r} is not in the Hugging Face cache and the hub cannot be reached: "
+            f"download it first with `hf download {source}`"
         )
-    return f"could not load model {source!r} ({reason})"
+    return f"could not load {source!r} from the Hugging Face hub ({_first_line(exc)}); try `hf download {source}`"
+
+
+_OFFLINE_ERRORS = {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ConnectionError"}
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The exception and its causes (diffusers wraps the hub's errors)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _first_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return text if len(text) <= 200 else text[:197] + "..."

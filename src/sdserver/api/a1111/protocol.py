@@ -73,10 +73,10 @@ class Txt2ImgBody(BaseModel):
     scheduler: str | None = Field(default=None, description="automatic, uniform or karras")
     batch_size: int = 1
     n_iter: int = 1
-    steps: int = 50
+    steps: int | None = Field(default=None, description="Default: the model's (50 for SD, 20 for demo)")
     cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    width: int | None = Field(default=None, description="Default: the model's native size (or init image's)")
+    height: int | None = Field(default=None, description="Default: the model's native size (or init image's)")
     eta: float | None = None
     denoising_strength: float | None = None
     override_settings: dict[str, Any] | None = Field(
@@ -177,8 +177,8 @@ def generation_request(
     if isinstance(body, Img2ImgBody):
         if not body.init_images:
             raise InvalidRequest("init_images: at least one image is required", field="init_images")
-        size = (body.width, body.height)
         init = _image(body.init_images[0], "init_images")
+        size = (body.width or init.width, body.height or init.height)  # absent: the image's own size
         data["init_image"] = init if init.size == size else init.resize(size, Image.Resampling.LANCZOS)
         if body.denoising_strength is not None:
             data["strength"] = body.denoising_strength
@@ -224,7 +224,7 @@ def response(
         "height": first.get("height", generation.height),
         "sampler_name": first.get("sampler", generation.sampler),
         "cfg_scale": generation.guidance_scale,
-        "steps": generation.steps,
+        "steps": first.get("steps", generation.steps),
         "batch_size": body.batch_size,
         "restore_faces": False,
         "face_restoration_model": None,
@@ -248,6 +248,7 @@ def response(
         "notes": notes(body),
     }
     echoed = body.model_dump()
+    echoed.update(steps=info["steps"], width=info["width"], height=info["height"])  # what was used
     if isinstance(body, Img2ImgBody) and not body.include_init_images:
         echoed.update(init_images=None, mask=None)
     images = [png_base64(out.image) for out in outs] if body.send_images else []

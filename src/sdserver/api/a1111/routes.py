@@ -6,7 +6,7 @@ State that A1111 keeps globally (the selected checkpoint, CLIP skip, preview int
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -29,10 +29,12 @@ from sdserver.api.a1111.protocol import (
 from sdserver.api.deps import EngineDep, SchedulerDep, SettingsDep
 from sdserver.core.errors import Cancelled, InvalidRequest, SDServerError
 from sdserver.core.types import Task
-from sdserver.engine import Engine
 from sdserver.imaging import b64decode, png_base64
 from sdserver.metadata import JSON_KEY, parse_infotext, read_info
 from sdserver.service.jobs import JobStatus
+
+if TYPE_CHECKING:
+    from sdserver.engine import Engine
 
 sdapi = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"])
 router = APIRouter()  # sdapi's routes and /png-info (included at the end of this module)
