@@ -137,6 +137,8 @@ def create_app(
 
 def _finish(scheduler: Scheduler, drain_timeout: float) -> None:
     """At shutdown: finish the queued and running work (a drain usually did already), then stop."""
+    if scheduler.stopping:
+        return  # stopped at once (a second Ctrl-C): no waiting for the worker's current step
     if not scheduler.drain(drain_timeout):
         log.warning("drain timeout (%gs) reached: failing what is left", drain_timeout)
     scheduler.stop()
