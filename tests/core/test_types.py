@@ -55,7 +55,7 @@ def test_a_prompt_alone_is_a_valid_txt2img_request_with_defaults() -> None:
     assert request.prompt == PROMPT
     assert request.num_images == 1
     assert request.seed is None
-    assert request.steps == 50
+    assert request.steps is None  # the model's own default, filled in by Engine.prepare
     assert request.width is None and request.height is None
     assert request.init_image is None and request.mask_image is None
 
