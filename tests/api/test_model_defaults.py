@@ -115,6 +115,5 @@ def test_a_bad_default_steps_file_fails_the_load_naming_it(tmp_path: Path, tiny_
         (folder / item.name).symlink_to(item)
     (folder / "sdserver.json").write_text('{"default_steps": "many"}')
     engine = Engine.from_settings(Settings(model=str(folder), device="cpu"))
-    with pytest.raises(ModelLoadError, match="sdserver.json: default_steps must be a positive integer"):
+    with pytest.raises(ModelLoadError, match=r"sdserver\.json: default_steps must be a positive integer"):
         engine.load()
-
