@@ -124,6 +124,18 @@ def analyse(img: np.ndarray) -> dict[str, str]:
     return {"bg": COLOURS[bg], "fg": COLOURS[fg], "shape": shape}
 
 
+def components(img: np.ndarray, min_pixels: int = 8) -> int:
+    """Separate foreground blobs (8-connected, at least `min_pixels` pixels): 1 for one shape, more for
+    tiles (several shapes where one was asked for)."""
+    from scipy import ndimage
+
+    found = analyse(img)
+    if found["fg"] == "none":
+        return 0
+    labels, _ = ndimage.label(coverage(img, found["fg"], found["bg"]) > 0.5, structure=np.ones((3, 3)))
+    return int((np.bincount(labels.ravel())[1:] >= min_pixels).sum())
+
+
 def draw(fg: str, shape: str, bg: str, cx: float, cy: float, r: float) -> np.ndarray:
     """An ideal scene like the training data, (64, 64, 3) uint8."""
     m = ideal_mask(shape, cx, cy, r)
