@@ -2,8 +2,9 @@
 
 The model lives in ``src/sdserver/assets/demo`` and is made by
 ``training/train_demo.py``. Its world: one shape (circle, square, triangle) in
-one of six colours on a plain background of another colour, 64x64 px, prompts
-"a <colour> <shape> on a <colour> background".
+one of six colours on a plain background of another colour, 64x64 px (and
+128x128), prompts "a <colour> <shape> on a <colour> background" and the short
+forms "a red circle", "red circle", "a circle on a blue background".
 
 All checks are simple pixel statistics written here:
 
@@ -237,6 +238,67 @@ def test_prompt_adherence(pipe, fg, shape, bg):
     assert bg_ok >= 0.9, res
     assert fg_ok >= 0.9, res
     assert shape_ok >= 0.8, res
+
+
+# The short forms people type first. None: the prompt names no such colour, and any is right (it is
+# random: it must vary across seeds).
+SHORT_PROMPTS = [
+    ("a red circle", "red", "circle", None),
+    ("red circle", "red", "circle", None),
+    ("a circle on a blue background", None, "circle", "blue"),
+    ("a yellow square", "yellow", "square", None),
+    ("white triangle", "white", "triangle", None),
+    ("a triangle on a black background", None, "triangle", "black"),
+]
+
+
+@pytest.mark.parametrize("prompt,fg,shape,bg", SHORT_PROMPTS, ids=[p[0] for p in SHORT_PROMPTS])
+def test_short_prompt_forms(pipe, prompt, fg, shape, bg):
+    out = pipe(
+        [prompt] * N_SEEDS,
+        generator=generators(range(N_SEEDS)),
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        output_type="np",
+    )
+    res = [analyse(im) for im in to_uint8(out.images)]
+    named = [(key, colour) for key, colour in (("fg", fg), ("bg", bg)) if colour is not None]
+    for key, colour in named:
+        right = sum(r[key] == colour for r in res) / N_SEEDS
+        print(f"{prompt}: {key} {colour} {right:.0%}")
+        assert right >= 0.9, res
+    shape_ok = sum(r["shape"] == shape for r in res) / N_SEEDS
+    print(f"{prompt}: shape {shape_ok:.0%}")
+    assert shape_ok >= 0.8, res
+    unnamed = "bg" if bg is None else "fg"
+    colours = {r[unnamed] for r in res}
+    print(f"{prompt}: {unnamed} colours {sorted(colours)}")
+    assert len(colours) >= 3, f"the colour the prompt leaves out should be random, got {colours}"
+
+
+def test_one_clean_shape_at_128_px(pipe):
+    """Trained at 64 and 128 px: at 128 it draws one shape (twice the size), not tiles of small ones."""
+    seeds = 5
+    combos = PROMPTS
+    prompts = [f"a {f} {s} on a {b} background" for f, s, b in combos for _ in range(seeds)]
+    out = pipe(
+        prompts,
+        generator=generators(range(len(prompts))),
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        output_type="np",
+        width=128,
+        height=128,
+    )
+    images = to_uint8(out.images)
+    assert images[0].shape == (128, 128, 3)
+    want = [c for c in combos for _ in range(seeds)]
+    res = [analyse(im) for im in images]
+    n = len(res)
+    one = sum(components(im) == 1 for im in images) / n
+    right = sum(r == {"fg": w[0], "shape": w[1], "bg": w[2]} for r, w in zip(res, want, strict=True)) / n
+    print(f"128 px: one shape {one:.0%}, colours and shape right {right:.0%}")
+    assert one >= 0.9 and right >= 0.8, res
 
 
 def test_adherence_over_all_combinations(pipe):
