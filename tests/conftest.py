@@ -29,6 +29,15 @@ SIZE = 64  # 8x8 latents with the tiny model's 8x VAE
 STEPS = 3
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _outputs_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Kept images go to a temporary folder, never to outputs/ in the working directory."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SDSERVER_OUTPUTS_DIR", str(tmp_path_factory.mktemp("outputs")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")

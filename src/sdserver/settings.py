@@ -251,6 +251,21 @@ class Settings(BaseSettings):
         description="auto: readable on a terminal, one plain line per record otherwise; json: one JSON object a line",
     )
 
+    # Studio and history (issue 13)
+    outputs_dir: str = Field(
+        default="outputs",
+        description="Folder of saved images and their index (history.sqlite3); relative paths start in the "
+        "working directory",
+    )
+    history: Literal["api", "all", "off"] = Field(
+        default="api",
+        description="What is saved: api = the studio and the jobs API, plus other APIs when the client asks "
+        "(A1111 save_images); all = every image; off = nothing",
+    )
+    history_max_gb: float | None = Field(
+        default=None, gt=0, description="Disk budget of saved images in GB; past it the oldest are deleted"
+    )
+
 
 def read_config_file(path: Path, *, required: bool) -> dict[str, Any]:
     if not path.exists():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from sdserver.core.types import SAMPLER_NAMES
 from sdserver.engine.tiny import make_tiny_model
 from tests.conftest import SIZE, STEPS, ClientFactory, decode_png, wait_until
 
@@ -56,7 +57,10 @@ def test_listing_names_every_model_with_kind_source_and_state(client: TestClient
         "kind": "sd1",  # an OpenAI-CLIP text encoder with one UNet: the SD 1.x layout
         "inpainting": False,
         "loaded": False,
+        "native_size": None,  # known once loaded: listing never loads a model
+        "samplers": list(SAMPLER_NAMES),
     }
+    assert models[tiny_model.name]["native_size"] == SIZE  # the tiny models draw 64 px natively
     assert models["beta"]["inpainting"] is True
     assert client.get("/custom_models").json() == []  # keeps its original meaning: config.json's list
 
@@ -64,7 +68,7 @@ def test_listing_names_every_model_with_kind_source_and_state(client: TestClient
 def test_load_and_unload(client: TestClient, tiny_model: Path) -> None:
     response = client.post("/models/alpha/load")
     assert response.status_code == 200, response.text
-    assert response.json()["loaded"] is True
+    assert response.json()["loaded"] is True and response.json()["native_size"] == SIZE
     engine = client.app.state.engine  # type: ignore[attr-defined]
     loads = engine.registry.load_count
     assert client.post("/models/alpha/load").json()["loaded"] is True

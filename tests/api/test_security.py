@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from sdserver.api.security import ALWAYS_OPEN
+from sdserver.api.security import ALWAYS_OPEN, PUBLIC_PAGES, PUBLIC_PREFIXES
 from tests.conftest import SIZE, STEPS, ClientFactory
 
 KEY = "s3cret-key"
@@ -22,7 +22,7 @@ def every_route(client: TestClient) -> list[tuple[str, str]]:
     for template, operations in client.app.openapi()["paths"].items():  # type: ignore[attr-defined]
         path = re.sub(r"\{[^}]+\}", "x", template)
         routes += [(method.upper(), path) for method in operations]
-    for path in ("/docs", "/openapi.json"):
+    for path in ("/docs", "/redoc", "/openapi.json", "/", "/studio/studio.js", "/static-offline-docs/swagger-ui.css"):
         routes.append(("GET", path))
     return routes
 
@@ -38,7 +38,7 @@ def test_every_route_but_health_needs_a_key(keyed: TestClient) -> None:
     for method, path in routes:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + "x" * 8}):
             response = keyed.request(method, path, headers=headers)
-            if path in ALWAYS_OPEN:
+            if path in ALWAYS_OPEN or path in PUBLIC_PAGES or path.startswith(PUBLIC_PREFIXES):  # pages and their files
                 assert response.status_code != 401, (method, path)
             else:
                 assert response.status_code == 401, (method, path, headers, response.status_code)

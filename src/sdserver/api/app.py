@@ -6,19 +6,21 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from sdserver import __version__
-from sdserver.api import a1111, errors, models, openai, ops
+from sdserver.api import a1111, errors, history, models, openai, ops, studio
 from sdserver.api.jobs import router as jobs_router
-from sdserver.api.middleware import BodySizeLimit, RequestLog
+from sdserver.api.middleware import BodySizeLimit, PagePolicy, RequestLog
 from sdserver.api.original import router as original_router
 from sdserver.api.security import ApiKeyAuth
 from sdserver.core.errors import ConfigError, ModelLoadError
+from sdserver.service.history import History
 from sdserver.service.jobs import JobStore
 from sdserver.service.metrics import Metrics
 from sdserver.service.scheduler import Scheduler
@@ -28,6 +30,12 @@ if TYPE_CHECKING:
     from sdserver.engine import Engine
 
 log = logging.getLogger(__name__)
+# Swagger UI and ReDoc run inline scripts and styles; everything else they need comes from this server.
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 
 def create_app(
@@ -65,6 +73,7 @@ def create_app(
             jobs=JobStore(ttl_s=settings.job_ttl, max_kept=settings.max_jobs_kept),
             metrics=metrics,
             on_worker_death=on_fatal,
+            history=app.state.history,
         )
         metrics.add_gauges("sdserver_queue", "Jobs waiting and running", lambda: {"depth": scheduler.queue_depth})
         metrics.add_gauges(
@@ -93,6 +102,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _log_history(app.state.history)
         if wait_for_models:
             await run_in_threadpool(start_up)
         else:
@@ -103,30 +113,45 @@ def create_app(
             scheduler: Scheduler | None = getattr(app.state, "scheduler", None)
             if scheduler is not None:
                 await run_in_threadpool(_finish, scheduler, settings.drain_timeout)
+            await run_in_threadpool(app.state.history.close)  # finish the writes under way
 
     def engine_stats(key: str) -> dict[str, float]:
         return app.state.engine.stats()[key]
 
-    app = FastAPI(
+    # Swagger UI and ReDoc from files in the fastapi-offline package: /docs works with no network.
+    app = FastAPIOffline(
         title="sdserver",
         version=__version__,
         description="A local Stable Diffusion server: the original Stable Diffusion API Server's API, "
         "a jobs API, and more, over one queue.",
         lifespan=lifespan,
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from swagger.io
     )
+    _document_auth(app, settings)
     app.state.settings = settings
+    app.state.history = History.from_settings(settings)
     app.state.engine = engine
     app.state.scheduler = None
     app.state.metrics = metrics
     errors.install(app)
-    for router in (ops.router, models.router, original_router, jobs_router, openai.router, a1111.router):
+    for router in (
+        ops.router,
+        models.router,
+        original_router,
+        jobs_router,
+        history.router,
+        openai.router,
+        a1111.router,
+    ):
         app.include_router(router)
+    studio.install(app)
     errors.register_renderer("/v1/", errors.render_v1)
     errors.register_renderer("/sdapi/", a1111.render_error)
     # The last added runs first: log → CORS (so even a 401 or 413 is readable by an allowed page)
-    # → body size limit → auth → routes.
+    # → the pages' content security policy → body size limit → auth → routes.
     app.add_middleware(ApiKeyAuth, settings=settings)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_body_mb * 1e6))
+    app.add_middleware(PagePolicy, policies={"/": studio.CSP, "/docs": DOCS_CSP, "/redoc": DOCS_CSP})
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
@@ -142,3 +167,34 @@ def _finish(scheduler: Scheduler, drain_timeout: float) -> None:
     if not scheduler.drain(drain_timeout):
         log.warning("drain timeout (%gs) reached: failing what is left", drain_timeout)
     scheduler.stop()
+
+
+def _log_history(kept: History) -> None:
+    if not kept.enabled:
+        log.info("history: off (nothing is saved)")
+        return
+    budget = "" if kept.max_bytes is None else f", at most {kept.max_bytes / 1e9:g} GB"
+    log.info(
+        "history: saving %s images to %s%s",
+        "all" if kept.mode == "all" else "the studio's and jobs API's",
+        kept.folder,
+        budget,
+    )
+
+
+def _document_auth(app: FastAPI, settings: Settings) -> None:
+    """Declare the API keys in the OpenAPI document, so /docs can send one ("Authorize")."""
+    if not settings.auth_enabled:
+        return
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = plain()
+        schemes = {"bearer": {"type": "http", "scheme": "bearer"}} if settings.api_keys else {}
+        if settings.api_auth:
+            schemes["basic"] = {"type": "http", "scheme": "basic"}
+        schema.setdefault("components", {})["securitySchemes"] = schemes
+        schema["security"] = [{name: []} for name in schemes]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, Request
 
 from sdserver.core.errors import Unavailable
+from sdserver.service.history import History
 from sdserver.service.scheduler import Scheduler
 from sdserver.settings import Settings
 
@@ -35,8 +36,22 @@ def _engine(request: Request) -> Any:
     return request.app.state.engine
 
 
+def _history(request: Request) -> History:
+    history: History = request.app.state.history
+    return history
+
+
+def _owner(request: Request) -> str | None:
+    """Whose jobs and history this request may see: the name of its API key, or None for everyone's
+    (no auth, or an admin key). The auth middleware sets `request.state.owner` when keys have names."""
+    owner = getattr(request.state, "owner", None)
+    return owner if isinstance(owner, str) else None
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 SchedulerDep = Annotated[Scheduler, Depends(_scheduler)]
+HistoryDep = Annotated[History, Depends(_history)]
+OwnerDep = Annotated[str | None, Depends(_owner)]
 if TYPE_CHECKING:
     from sdserver.engine import Engine
 

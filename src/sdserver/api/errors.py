@@ -27,6 +27,7 @@ STATUS: dict[type[e.SDServerError], int] = {
     e.Timeout: 504,
     e.GenerationError: 500,
     e.ConfigError: 500,
+    e.StorageError: 500,
 }
 
 Renderer = Callable[[e.SDServerError, int], Response]

@@ -23,6 +23,8 @@ class ModelOut(BaseModel):
     kind: str  # sd1, sd2, sdxl, or unknown (from the UNet's cross-attention width)
     inpainting: bool | None  # a 9-channel inpainting UNet; null when unknown
     loaded: bool
+    native_size: int | None  # the side (px) it draws best at, by default; null until it has loaded
+    samplers: list[str]  # the `sampler` names valid for it
 
 
 def _describe(engine: Engine, name: str) -> ModelOut:
@@ -34,6 +36,8 @@ def _describe(engine: Engine, name: str) -> ModelOut:
         kind=info.kind,
         inpainting=info.inpainting,
         loaded=info.loaded,
+        native_size=engine.native_size(name),
+        samplers=engine.samplers(name),
     )
 
 

@@ -17,6 +17,9 @@ from sdserver.settings import Settings
 
 log = logging.getLogger(__name__)
 ALWAYS_OPEN = frozenset({"/ping", "/health", "/ready"})
+# Pages a browser opens before it can send a key (the studio then asks for one), and the API docs.
+PUBLIC_PAGES = frozenset({"/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+PUBLIC_PREFIXES = ("/studio/", "/static-offline-docs/")
 # The original API: its clients (the Photoshop plugin) cannot send credentials.
 _ORIGINAL_API = re.compile(r"^/(custom_models|txt2img|img2img|masking|custom/.+)$")
 _LOOPBACK = ("127.", "::1", "localhost")
@@ -31,14 +34,17 @@ def _matches(candidate: str, secrets: list[str]) -> bool:
 
 
 class ApiKeyAuth:
-    """Every route but /ping, /health and /ready needs `Authorization: Bearer KEY` (or Basic user:pass
-    when --api-auth is set) once keys are configured; `open_original_api` exempts the original routes."""
+    """Every route but /ping, /health, /ready and the pages (the studio, the API docs) needs
+    `Authorization: Bearer KEY` (or Basic user:pass when --api-auth is set) once keys are configured;
+    `open_original_api` exempts the original routes."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app, self.settings = app, settings
 
     def is_open(self, path: str) -> bool:
-        if not self.settings.auth_enabled or path in ALWAYS_OPEN:
+        if not self.settings.auth_enabled or path in ALWAYS_OPEN or path in PUBLIC_PAGES:
+            return True
+        if path.startswith(PUBLIC_PREFIXES):
             return True
         return self.settings.open_original_api and bool(_ORIGINAL_API.match(path))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -15,11 +16,14 @@ from sdserver.service.scheduler import Scheduler
 DISCONNECT_POLL_S = 0.25
 
 
-async def generate(request: Request, scheduler: Scheduler, generation: GenerationRequest) -> GenerationResult:
+async def generate(
+    request: Request, scheduler: Scheduler, generation: GenerationRequest, *, save: bool = False
+) -> GenerationResult:
     """Queue `generation` and wait for it; if the client hangs up meanwhile, cancel the job
-    (out of the queue, or stopped at its next denoising step)."""
+    (out of the queue, or stopped at its next denoising step). `save`: the client asked for the
+    images to be kept in the history."""
     # submit prepares the request (resizes its images): off the event loop
-    job = await run_in_threadpool(scheduler.submit, generation)
+    job = await run_in_threadpool(partial(scheduler.submit, generation, save=save))
     r = job.request
     note(model=r.model, task=r.task.value, size=f"{r.width}x{r.height}", steps=r.steps, images=r.num_images)
     waiter = asyncio.ensure_future(job.wait_async())

@@ -68,6 +68,10 @@ class UnsafeCheckpoint(ModelLoadError):
     """A pickled checkpoint asks to run code, or to build objects that plain weights never need."""
 
 
+class StorageError(SDServerError):
+    """The server could not read or change its saved files (the outputs folder, the history index)."""
+
+
 class GenerationError(SDServerError):
     """The pipeline failed while generating."""
 

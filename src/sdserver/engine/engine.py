@@ -9,7 +9,7 @@ from PIL import Image
 
 from sdserver import metadata
 from sdserver.core.errors import Cancelled, GenerationError, InvalidRequest, OutOfMemory, SDServerError
-from sdserver.core.types import GeneratedImage, GenerationRequest
+from sdserver.core.types import SAMPLER_NAMES, GeneratedImage, GenerationRequest
 from sdserver.engine.device import device_memory, free_device_memory, is_out_of_memory, pick_device, pick_dtype
 from sdserver.engine.loaders import LoadedPipelines
 from sdserver.engine.loras import LoraLibrary, applied
@@ -114,6 +114,16 @@ class Engine:
                 ) from exc
             log.exception("generation failed")
             raise GenerationError(f"generation failed: {type(exc).__name__}: {exc}") from exc
+
+    def native_size(self, name: str | None) -> int | None:
+        """The model's native image side (px), known once it is loaded; asking never loads a model."""
+        loaded = self.registry.loaded(name)
+        return None if loaded is None else loaded.native_size
+
+    def samplers(self, name: str | None) -> list[str]:
+        """The sampler names valid for the model: every A1111 sampler, for the SD families."""
+        self.registry.spec(name)  # NotFound for an unknown name
+        return list(SAMPLER_NAMES)
 
     def model_hash(self, name: str | None) -> str | None:
         """sha256 (hex) of the model's UNet weights, computed when it was first loaded (not per request);

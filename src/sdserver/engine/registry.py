@@ -197,6 +197,12 @@ class Registry:
         with self._lock:
             return spec.name in self._loaded
 
+    def loaded(self, name: str | None) -> LoadedPipelines | None:
+        """The model's pipelines if it is loaded, else None (never loads it)."""
+        spec = self.spec(name)
+        with self._lock:
+            return self._loaded.get(spec.name)
+
     def spec(self, name: str | None) -> ModelSpec:
         with self._lock:
             key = self._base if name is None else name

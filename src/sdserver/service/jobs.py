@@ -47,6 +47,9 @@ class Job:
     cancel_requested: bool = False
     preview_every: int = 0  # steps between previews; 0: none
     preview: Image.Image | None = None  # the latest preview of the first image
+    owner: str | None = None  # name of the API key that submitted it; None: no auth
+    warnings: list[str] = field(default_factory=list)  # problems that did not fail it (an image not saved)
+    history_ids: list[str | None] | None = None  # each image's id in the history, once it is saved
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _listeners: list[Listener] = field(default_factory=list, repr=False)

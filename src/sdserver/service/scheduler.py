@@ -40,6 +40,10 @@ class EngineLike(Protocol):
     def run(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[GeneratedImage]]: ...
 
 
+class HistoryLike(Protocol):
+    def track(self, job: Job, *, asked: bool) -> None: ...
+
+
 class StepCallback(Protocol):
     def __call__(self, step: int, total: int, previews: Callable[[], list[Image.Image]]) -> None: ...
 
@@ -56,6 +60,7 @@ class Scheduler:
         jobs: JobStore | None = None,
         metrics: Metrics | None = None,
         on_worker_death: Callable[[], None] | None = None,
+        history: HistoryLike | None = None,
     ) -> None:
         self.engine = engine
         self.max_queue = max_queue
@@ -66,6 +71,7 @@ class Scheduler:
         self._queue: deque[Job] = deque()
         self.metrics = metrics if metrics is not None else Metrics()
         self._on_worker_death = on_worker_death
+        self.history = history  # keeps finished jobs' images (service/history.py)
         self._expect_company = False  # did the last batch have more than one job?
         self._wakeup = threading.Condition()
         self._idempotency = threading.Lock()
@@ -142,18 +148,20 @@ class Scheduler:
         *,
         idempotency_key: str | None = None,
         preview_every: int = 0,
+        save: bool = False,
     ) -> Job:
         """Queue a request; bad input, a full queue or a stopped server raise before anything is queued.
 
         A repeated `idempotency_key` returns the job it first created instead of queueing another.
+        `save`: the client asks for its images to be kept in the history (the history's mode decides).
         """
         if not idempotency_key:
-            return self._submit(request, None, preview_every)
+            return self._submit(request, None, preview_every, save)
         with self._idempotency:  # two racing retries must not both create a job
             existing = self.jobs.by_idempotency_key(idempotency_key)
-            return existing or self._submit(request, idempotency_key, preview_every)
+            return existing or self._submit(request, idempotency_key, preview_every, save)
 
-    def _submit(self, request: GenerationRequest, idempotency_key: str | None, preview_every: int) -> Job:
+    def _submit(self, request: GenerationRequest, idempotency_key: str | None, preview_every: int, save: bool) -> Job:
         prepared = self.engine.prepare(request).with_seed()
         deadline = None if self.queue_timeout_s is None else time.monotonic() + self.queue_timeout_s
         job = Job(request=prepared, deadline=deadline, preview_every=preview_every)
@@ -165,6 +173,8 @@ class Scheduler:
             self._queue.append(job)
             self._wakeup.notify_all()
         job.add_listener(self._count_outcome)
+        if self.history is not None:
+            self.history.track(job, asked=save)
         self.jobs.add(job, idempotency_key)
         return job
 

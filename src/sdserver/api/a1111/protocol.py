@@ -3,9 +3,10 @@
 Honoured: prompt, negative_prompt, seed (-1 = random), batch_size x n_iter images (one batched
 call), steps, cfg_scale, width, height, sampler_name (or sampler_index) with scheduler (automatic,
 uniform, karras), eta, denoising_strength, init_images, mask, mask_blur, inpainting_mask_invert,
-send_images, override_settings (sd_model_checkpoint, CLIP_stop_at_last_layers). Accepted and
-ignored: subseed/subseed_strength (noted in `info`), styles, save_images, hires fix, restore_faces,
-tiling, scripts, resize_mode (always "just resize"), inpainting_fill, inpaint_full_res.
+send_images, save_images (into the server's history), override_settings (sd_model_checkpoint,
+CLIP_stop_at_last_layers). Accepted and ignored: subseed/subseed_strength (noted in `info`), styles,
+hires fix, restore_faces, tiling, scripts, resize_mode (always "just resize"), inpainting_fill,
+inpaint_full_res.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class Txt2ImgBody(BaseModel):
     )
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
-    save_images: bool = Field(default=False, description="Ignored: nothing is saved on the server")
+    save_images: bool = Field(default=False, description="Keep the images in the server's history (/v1/history)")
 
 
 class Img2ImgBody(Txt2ImgBody):

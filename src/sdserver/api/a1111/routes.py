@@ -84,7 +84,7 @@ async def _generate(
     clip_skip = overrides.get("CLIP_stop_at_last_layers", options.values["CLIP_stop_at_last_layers"])
     generation = await run_in_threadpool(generation_request, body, task, model, clip_skip, limits)
     try:
-        result = await waiting.generate(request, scheduler, generation)
+        result = await waiting.generate(request, scheduler, generation, save=body.save_images)
     except Cancelled:
         result = None  # /interrupt or /skip: A1111 answers normally, here with no images
     model_hash = await run_in_threadpool(engine.model_hash, model)

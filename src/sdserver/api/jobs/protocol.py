@@ -18,6 +18,7 @@ class JobOptions(BaseModel):
 
     preview_every: int = Field(default=0, ge=0, description="Send a low-resolution preview every N steps (0: none)")
     webhook_url: HttpUrl | None = Field(default=None, description="POSTed the finished job (needs --allow-webhooks)")
+    save: bool = Field(default=True, description="Keep the images in the server's history (unless --history off)")
 
 
 def request_body_schema() -> dict[str, Any]:
@@ -56,6 +57,7 @@ class ImageOut(BaseModel):
     seed: int
     nsfw: bool
     mime_type: str = "image/png"
+    history_id: str | None = Field(default=None, description="Its id in /v1/history once saved; null until then")
 
 
 class ErrorOut(BaseModel):
@@ -84,6 +86,7 @@ class JobOut(BaseModel):
     timings: Timings
     images: list[ImageOut] | None = None
     error: ErrorOut | None = None
+    warnings: list[str] = Field(default_factory=list, description="Problems that did not fail it (e.g. not saved)")
 
 
 class JobCreated(BaseModel):
@@ -113,7 +116,16 @@ def job_out(job: Job, queue_position: int | None, *, with_images: bool = True) -
     started = job.started_at
     images = None
     if with_images and job.result is not None:
-        images = [ImageOut(base64=png_base64(i.image), seed=i.seed, nsfw=i.nsfw) for i in job.result.images]
+        saved = job.history_ids or []
+        images = [
+            ImageOut(
+                base64=png_base64(image.image),
+                seed=image.seed,
+                nsfw=image.nsfw,
+                history_id=saved[index] if index < len(saved) else None,
+            )
+            for index, image in enumerate(job.result.images)
+        ]
     return JobOut(
         id=job.id,
         status=job.status.value,
@@ -133,4 +145,5 @@ def job_out(job: Job, queue_position: int | None, *, with_images: bool = True) -
         ),
         images=images,
         error=None if job.error is None else error_out(job.error),
+        warnings=list(job.warnings),
     )

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from sdserver.api.deps import SchedulerDep, SettingsDep
+from sdserver.api.deps import HistoryDep, SchedulerDep, SettingsDep
 from sdserver.api.fields import read_json
 from sdserver.api.jobs.protocol import (
     JobCreated,
@@ -26,11 +26,13 @@ from sdserver.api.jobs.protocol import (
 from sdserver.api.jobs.webhooks import deliver_in_background
 from sdserver.core.errors import InvalidRequest
 from sdserver.imaging import encode_png, png_base64
+from sdserver.service.history import History
 from sdserver.service.jobs import Job, JobStatus
 from sdserver.service.scheduler import Scheduler
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 KEEPALIVE_S = 15.0
+HISTORY_WAIT_S = 30.0  # the final event waits this long at most for the images to be saved
 
 
 @router.post(
@@ -53,7 +55,13 @@ async def submit_job(
     if options.webhook_url is not None and not settings.allow_webhooks:
         raise InvalidRequest("webhook_url: webhooks are disabled on this server (--allow-webhooks)")
     job = await run_in_threadpool(
-        partial(scheduler.submit, generation, idempotency_key=idempotency_key, preview_every=options.preview_every)
+        partial(
+            scheduler.submit,
+            generation,
+            idempotency_key=idempotency_key,
+            preview_every=options.preview_every,
+            save=options.save,
+        )
     )
     if options.webhook_url is not None:
         _send_when_done(job, scheduler, str(options.webhook_url), settings.webhook_attempts)
@@ -94,18 +102,19 @@ async def get_image(job_id: str, index: int, scheduler: SchedulerDep) -> Respons
 
 
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse)
-async def job_events(job_id: str, scheduler: SchedulerDep) -> StreamingResponse:
+async def job_events(job_id: str, scheduler: SchedulerDep, history: HistoryDep) -> StreamingResponse:
     """Server-Sent Events: `progress` events (with a base64 PNG `preview` when asked for), then one
-    final event named after the outcome (`succeeded` with the images, `failed`, `cancelled`)."""
+    final event named after the outcome (`succeeded` with the images, `failed`, `cancelled`), sent once
+    the images are in the history (each image's `history_id`) or failed to be saved (`warnings`)."""
     job = scheduler.get(job_id)
     return StreamingResponse(
-        _event_stream(job, scheduler),
+        _event_stream(job, scheduler, history),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _event_stream(job: Job, scheduler: Scheduler) -> AsyncIterator[str]:
+async def _event_stream(job: Job, scheduler: Scheduler, history: History) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
 
@@ -133,6 +142,7 @@ async def _event_stream(job: Job, scheduler: Scheduler) -> AsyncIterator[str]:
                 last_preview = job.preview
                 event["preview"] = png_base64(job.preview)
             yield _sse("progress", event)
+        await run_in_threadpool(history.wait, job, HISTORY_WAIT_S)
         final = await run_in_threadpool(job_out, job, None)
         yield _sse(job.status.value, final.model_dump(mode="json"))
     finally:
