@@ -27,8 +27,8 @@ RUN pip install . \
 
 USER sdserver
 # The working folder: a config.json here is read (mount one at /data/config.json). models: every diffusers
-# folder or .safetensors file in it is a model (--models-dir); outputs: for `sdserver generate -o
-# outputs/x.png`; hf-cache: models downloaded from the Hugging Face hub.
+# folder or .safetensors file in it is a model (--models-dir); outputs: the saved history (--outputs-dir,
+# relative to here); hf-cache: models downloaded from the Hugging Face hub.
 WORKDIR /data
 VOLUME ["/data/models", "/data/outputs", "/data/hf-cache"]
 EXPOSE 1337

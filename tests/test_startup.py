@@ -94,6 +94,7 @@ def start(*args: str, env: dict[str, str] | None = None, log: Path) -> tuple[sub
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
+        cwd=log.parent,  # its outputs/ (the history) there, not in the checkout
     )
     return process, f"http://127.0.0.1:{port}"
 
