@@ -52,7 +52,8 @@ def test_an_explicit_hub_model_that_is_not_cached_fails_clearly(tmp_path: Path) 
     loaded = load_offline(tmp_path, model="someone/not-downloaded")
     assert loaded.returncode != 0 and "BASE=" not in loaded.stdout
     assert "ModelLoadError" in loaded.stderr and "hf download someone/not-downloaded" in loaded.stderr
-    (message,) = [line for line in loaded.stderr.splitlines() if "ModelLoadError" in line]
+    message = loaded.stderr.strip().splitlines()[-1]  # the exception's own line, after the traceback
+    assert message.startswith("sdserver.core.errors.ModelLoadError: ")
     assert "'someone/not-downloaded' is not in the Hugging Face cache and the hub cannot be reached" in message
     assert "stacktrace" not in message and "local_files_only" not in message  # not diffusers' internals
 
