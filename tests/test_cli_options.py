@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +18,7 @@ from sdserver.settings import DEFAULT_MODEL, Settings
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def keep_logging() -> Iterator[None]:
-    """`serve` installs its own log handler; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def serve_help() -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 import os
 import re
 import shlex
@@ -45,14 +44,7 @@ def first_line(block: str) -> str:
     return block.splitlines()[0]
 
 
-@pytest.fixture(autouse=True)
-def keep_logging() -> Iterator[None]:
-    """`sdserver serve` (run in-process by one check) installs its own log handler: restore pytest's."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture(scope="module")

@@ -173,6 +173,21 @@ def generators(seeds) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
+def sample(pipe, prompts: list[str], size: int = 64) -> list[np.ndarray]:
+    """One image per prompt (seeds 0, 1, 2...), at the recommended settings, as uint8 arrays."""
+    out = pipe(
+        prompts,
+        generator=generators(range(len(prompts))),
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        output_type="np",
+        width=size,
+        height=size,
+    )
+    assert out.nsfw_content_detected == [False] * len(prompts)  # the tiny checker runs and never flags
+    return to_uint8(out.images)
+
+
 # ---------------------------------------------------------------------------
 # tests
 # ---------------------------------------------------------------------------
@@ -221,16 +236,9 @@ def test_loads_in_fp32_and_tokenizes_words(pipe):
 @pytest.mark.parametrize("fg,shape,bg", PROMPTS, ids=[f"{f}-{s}-{b}" for f, s, b in PROMPTS])
 def test_prompt_adherence(pipe, fg, shape, bg):
     prompt = f"a {fg} {shape} on a {bg} background"
-    out = pipe(
-        [prompt] * N_SEEDS,
-        generator=generators(range(N_SEEDS)),
-        num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
-        output_type="np",
-    )
-    assert out.nsfw_content_detected == [False] * N_SEEDS  # the tiny checker runs and never flags
-    res = [analyse(im) for im in to_uint8(out.images)]
-    assert res[0] and out.images[0].shape == (64, 64, 3)
+    images = sample(pipe, [prompt] * N_SEEDS)
+    res = [analyse(im) for im in images]
+    assert res[0] and images[0].shape == (64, 64, 3)
     bg_ok = sum(r["bg"] == bg for r in res) / N_SEEDS
     fg_ok = sum(r["fg"] == fg for r in res) / N_SEEDS
     shape_ok = sum(r["shape"] == shape for r in res) / N_SEEDS
@@ -254,14 +262,7 @@ SHORT_PROMPTS = [
 
 @pytest.mark.parametrize("prompt,fg,shape,bg", SHORT_PROMPTS, ids=[p[0] for p in SHORT_PROMPTS])
 def test_short_prompt_forms(pipe, prompt, fg, shape, bg):
-    out = pipe(
-        [prompt] * N_SEEDS,
-        generator=generators(range(N_SEEDS)),
-        num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
-        output_type="np",
-    )
-    res = [analyse(im) for im in to_uint8(out.images)]
+    res = [analyse(im) for im in sample(pipe, [prompt] * N_SEEDS)]
     named = [(key, colour) for key, colour in (("fg", fg), ("bg", bg)) if colour is not None]
     for key, colour in named:
         right = sum(r[key] == colour for r in res) / N_SEEDS
@@ -281,16 +282,7 @@ def test_one_clean_shape_at_128_px(pipe):
     seeds = 5
     combos = PROMPTS
     prompts = [f"a {f} {s} on a {b} background" for f, s, b in combos for _ in range(seeds)]
-    out = pipe(
-        prompts,
-        generator=generators(range(len(prompts))),
-        num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
-        output_type="np",
-        width=128,
-        height=128,
-    )
-    images = to_uint8(out.images)
+    images = sample(pipe, prompts, size=128)
     assert images[0].shape == (128, 128, 3)
     want = [c for c in combos for _ in range(seeds)]
     res = [analyse(im) for im in images]
@@ -305,14 +297,7 @@ def test_adherence_over_all_combinations(pipe):
     """All 90 (fg, shape, bg) combinations, 2 seeds each, in one batch."""
     combos = [(f, s, b) for f in COLOURS for s in SHAPES for b in COLOURS if f != b]
     prompts = [f"a {f} {s} on a {b} background" for f, s, b in combos for _ in range(2)]
-    out = pipe(
-        prompts,
-        generator=generators(range(len(prompts))),
-        num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
-        output_type="np",
-    )
-    res = [analyse(im) for im in to_uint8(out.images)]
+    res = [analyse(im) for im in sample(pipe, prompts)]
     want = [c for c in combos for _ in range(2)]
     n = len(res)
     bg_ok = sum(r["bg"] == w[2] for r, w in zip(res, want, strict=True)) / n
