@@ -6,6 +6,7 @@ import base64
 import functools
 import io
 import json
+import logging
 import socket
 import threading
 import time
@@ -322,3 +323,13 @@ def live(tiny_model: Path) -> Iterator[LiveServer]:
     server = LiveServer(model=str(tiny_model)).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """`sdserver serve` run in-process installs its own log handler: put pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

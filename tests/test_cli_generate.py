@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from PIL import Image
@@ -9,7 +13,7 @@ from typer.testing import CliRunner
 
 from sdserver.cli import app
 from sdserver.metadata import parse_infotext
-from tests.conftest import SIZE, STEPS, LiveServer
+from tests.conftest import SIZE, STEPS, GatedPipeline, LiveServer, wait_until
 
 runner = CliRunner()
 
@@ -50,3 +54,35 @@ def test_bad_arguments(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--size" in result.output
     result = runner.invoke(app, ["generate", "x", "-o", str(tmp_path / "o.gif")])
     assert result.exit_code == 2 and "--output" in result.output
+
+
+def test_the_last_line_is_never_wrapped_whatever_the_terminal_width(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / ("a-rather-long-folder-name-" * 4) / "out.png"
+    args = [sys.executable, "-m", "sdserver", "generate", "a red circle", "-o", str(out), "--model", str(tiny_model)]
+    args += ["--steps", str(STEPS), "--seed", "5", "--size", f"{SIZE}x{SIZE}", "--device", "cpu"]
+    env = {**os.environ, "COLUMNS": "20", "LINES": "5"}
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"wrote {out} (seed 5, {SIZE}x{SIZE}, {STEPS} steps)\n"
+    assert result.stderr == "", result.stderr  # no library warnings, no progress bars in a pipe
+
+
+def test_ctrl_c_cancels_the_job_on_the_server_and_exits_130(live: LiveServer, tmp_path: Path) -> None:
+    pipelines = live.app.state.engine.registry.get(None)
+    spy = GatedPipeline(pipelines.txt2img)
+    spy.gate.clear()
+    pipelines.txt2img = spy
+    args = [sys.executable, "-m", "sdserver", "generate", "x", "-o", str(tmp_path / "o.png"), "--url", live.url]
+    process = subprocess.Popen([*args, "--steps", str(STEPS)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert spy.entered.wait(120), "the job never started"
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        spy.gate.set()
+        pipelines.txt2img = spy.real
+    assert process.returncode == 130
+    (job,) = live.scheduler.jobs.all()
+    assert output.decode().splitlines() == [f"cancelled job {job.id} on {live.url}"]
+    wait_until(lambda: job.done, timeout=60)
+    assert job.status.value == "cancelled"

@@ -71,7 +71,7 @@ def test_original_api_keeps_its_shape_and_its_pngs_carry_the_parameters(client: 
     body = response.json()
     assert set(body) == {"status", "images"}
     (image,) = body["images"]
-    assert set(image) == {"base64", "seed", "mime_type", "mimetype", "nsfw"}
+    assert set(image) == {"base64", "seed", "mime_type", "mimetype", "nsfw", "width", "height"}  # + the size used
     png = decode_png(image["base64"])
     parsed = parse_infotext(png.info["parameters"])
     assert (parsed["Prompt"], parsed["Seed"], parsed["Steps"], parsed["Model"]) == ("a red circle", 7, STEPS, "tiny")

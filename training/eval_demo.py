@@ -15,6 +15,8 @@ Pixel statistics only (the same ones as ``tests/demo/test_demo_model.py``):
 Usage::
 
     python training/eval_demo.py --model src/sdserver/assets/demo --seeds 20
+    python training/eval_demo.py --short             # "a red circle", "a circle on a blue background"...
+    python training/eval_demo.py --size 128          # one clean shape at 128 px, not tiles
 """
 
 from __future__ import annotations
@@ -98,13 +100,29 @@ def analyse(img: np.ndarray) -> dict:
     return {"bg": COLOURS[bg], "fg": COLOURS[fg] if fg >= 0 else "none", "shape": shape}
 
 
-def adherence(images: list[np.ndarray], fg: str, shape: str, bg: str) -> dict[str, float]:
+def components(img: np.ndarray, min_pixels: int = 8) -> int:
+    """Separate foreground blobs (8-connected, at least `min_pixels` px): 1 = one shape, more = tiles."""
+    from scipy import ndimage
+
+    found = analyse(img)
+    if found["fg"] == "none":
+        return 0
+    b, f = PAL[COLOURS.index(found["bg"])], PAL[COLOURS.index(found["fg"])]
+    v = f - b
+    alpha = ((img.astype(np.float32) - b) @ v) / float(v @ v)
+    labels, _ = ndimage.label(alpha > 0.5, structure=np.ones((3, 3)))
+    return int((np.bincount(labels.ravel())[1:] >= min_pixels).sum())
+
+
+def adherence(images: list[np.ndarray], fg: str | None, shape: str, bg: str | None) -> dict[str, float]:
+    """Fractions right; a colour the prompt leaves out (None) counts as right whatever it is."""
     res = [analyse(im) for im in images]
     n = len(res)
     return {
-        "bg": sum(r["bg"] == bg for r in res) / n,
-        "fg": sum(r["fg"] == fg for r in res) / n,
+        "bg": sum(bg is None or r["bg"] == bg for r in res) / n,
+        "fg": sum(fg is None or r["fg"] == fg for r in res) / n,
         "shape": sum(r["shape"] == shape for r in res) / n,
+        "one": sum(components(im) == 1 for im in images) / n,
     }
 
 
@@ -116,32 +134,67 @@ DEFAULT_PROMPTS = [
     ("green", "circle", "white"),
     ("black", "square", "red"),
 ]
+# The short forms people type first; None: the prompt names no such colour (any is right).
+SHORT_PROMPTS = [
+    ("a red circle", "red", "circle", None),
+    ("red circle", "red", "circle", None),
+    ("a circle on a blue background", None, "circle", "blue"),
+    ("a yellow square", "yellow", "square", None),
+    ("white triangle", "white", "triangle", None),
+    ("a triangle on a black background", None, "triangle", "black"),
+]
 
 
-def run_pipeline(pipe, prompt: str, seeds: list[int], steps: int, guidance: float) -> list[np.ndarray]:
+def full_prompts(combos=DEFAULT_PROMPTS) -> list[tuple[str, str | None, str, str | None]]:
+    return [(f"a {fg} {shape} on a {bg} background", fg, shape, bg) for fg, shape, bg in combos]
+
+
+def run_pipeline(pipe, prompt: str, seeds: list[int], steps: int, guidance: float, size: int = 64) -> list[np.ndarray]:
     import torch
 
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     out = pipe(
-        [prompt] * len(seeds), generator=gens, num_inference_steps=steps, guidance_scale=guidance, output_type="np"
+        [prompt] * len(seeds),
+        generator=gens,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        output_type="np",
+        width=size,
+        height=size,
     )
     return [(im * 255).round().clip(0, 255).astype(np.uint8) for im in out.images]
 
 
 def evaluate_pipeline(
-    pipe, prompts=DEFAULT_PROMPTS, n_seeds: int = 20, steps: int = 20, guidance: float = 4.0, verbose: bool = True
+    pipe,
+    prompts=None,
+    n_seeds: int = 20,
+    steps: int = 20,
+    guidance: float = 4.0,
+    verbose: bool = True,
+    size: int = 64,
 ) -> dict:
+    """Adherence per prompt: `prompts` are (prompt, fg, shape, bg) (default: the six full-form prompts)."""
     table = {}
-    for fg, shape, bg in prompts:
-        p = f"a {fg} {shape} on a {bg} background"
-        ims = run_pipeline(pipe, p, list(range(n_seeds)), steps, guidance)
+    for p, fg, shape, bg in prompts or full_prompts():
+        ims = run_pipeline(pipe, p, list(range(n_seeds)), steps, guidance, size)
         table[p] = adherence(ims, fg, shape, bg)
+        if fg is None or bg is None:  # the colour left out should vary
+            key = "fg" if fg is None else "bg"
+            table[p][f"{key}_colours"] = len({analyse(im)[key] for im in ims})
         if verbose:
             a = table[p]
-            print(f"  {p:45s} bg {a['bg']:.0%} fg {a['fg']:.0%} shape {a['shape']:.0%}", flush=True)
-    overall = {k: float(np.mean([v[k] for v in table.values()])) for k in ("bg", "fg", "shape")}
+            extra = "".join(f" {k} {v}" for k, v in a.items() if k.endswith("_colours"))
+            print(
+                f"  {p:45s} bg {a['bg']:.0%} fg {a['fg']:.0%} shape {a['shape']:.0%} one shape {a['one']:.0%}{extra}",
+                flush=True,
+            )
+    overall = {k: float(np.mean([v[k] for v in table.values()])) for k in ("bg", "fg", "shape", "one")}
     if verbose:
-        print(f"  overall: bg {overall['bg']:.1%} fg {overall['fg']:.1%} shape {overall['shape']:.1%}")
+        print(
+            f"  overall: bg {overall['bg']:.1%} fg {overall['fg']:.1%} shape {overall['shape']:.1%} "
+            f"one shape {overall['one']:.1%}"
+        )
     return {"per_prompt": table, "overall": overall}
 
 
@@ -153,6 +206,8 @@ def main(argv=None):
     ap.add_argument("--guidance", type=float, nargs="+", default=[4.0])
     ap.add_argument("--scheduler", default=None, help="override: ddim, euler, dpm")
     ap.add_argument("--all-prompts", action="store_true", help="all 90 colour/shape/background combinations")
+    ap.add_argument("--short", action="store_true", help="the short prompt forms (a red circle, ...)")
+    ap.add_argument("--size", type=int, default=64, help="image size in px (the demo is trained at 64 and 128)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     import torch
@@ -166,13 +221,15 @@ def main(argv=None):
 
         cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}
         pipe.scheduler = cls[args.scheduler].from_config(pipe.scheduler.config)
-    prompts = DEFAULT_PROMPTS
+    prompts = full_prompts()
     if args.all_prompts:
-        prompts = [(f, s, b) for f in COLOURS for s in SHAPES for b in COLOURS if f != b]
+        prompts = full_prompts([(f, s, b) for f in COLOURS for s in SHAPES for b in COLOURS if f != b])
+    if args.short:
+        prompts = SHORT_PROMPTS
     for g in args.guidance:
         t = time.time()
-        print(f"guidance {g}, {args.steps} steps, {type(pipe.scheduler).__name__}:")
-        evaluate_pipeline(pipe, prompts, args.seeds, args.steps, g)
+        print(f"guidance {g}, {args.steps} steps, {args.size} px, {type(pipe.scheduler).__name__}:")
+        evaluate_pipeline(pipe, prompts, args.seeds, args.steps, g, size=args.size)
         print(f"  ({time.time() - t:.1f} s)")
 
 

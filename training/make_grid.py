@@ -2,6 +2,7 @@
 """Draw a grid of demo-model samples: rows = prompts, columns = seeds.
 
 python training/make_grid.py --model src/sdserver/assets/demo --out docs/demo-grid.png
+python training/make_grid.py --size 128 --scale 1 --out docs/demo-grid-128.png
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ PROMPTS = [
     "a black square on a red background",
     "a red triangle on a white background",
     "a yellow circle on a green background",
+    "a red circle",
+    "yellow square",
+    "a triangle on a blue background",
 ]
 
 
@@ -32,7 +36,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.0)
-    ap.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscale of each 64 px cell")
+    ap.add_argument("--size", type=int, default=64, help="image size in px (64: native; 128 also trained)")
+    ap.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscale of each cell")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
@@ -52,10 +57,12 @@ def main(argv=None):
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
             output_type="np",
+            width=args.size,
+            height=args.size,
         )
         rows.append([(im * 255).round().clip(0, 255).astype(np.uint8) for im in out.images])
 
-    cell = 64 * args.scale
+    cell = args.size * args.scale
     pad = 4
     label_w = 300
     head_h = 22
@@ -72,7 +79,8 @@ def main(argv=None):
             tile = Image.fromarray(im).resize((cell, cell), Image.NEAREST)
             grid.paste(tile, (label_w + pad + j * (cell + pad), y))
     foot = (
-        f"{args.steps} steps, guidance {args.guidance}, {type(pipe.scheduler).__name__}, 64x64 px (shown x{args.scale})"
+        f"{args.steps} steps, guidance {args.guidance}, {type(pipe.scheduler).__name__}, "
+        f"{args.size}x{args.size} px (shown x{args.scale})"
     )
     canvas = Image.new("RGB", (w, h + 20), (255, 255, 255))
     canvas.paste(grid, (0, 0))

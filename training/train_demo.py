@@ -30,7 +30,9 @@ end-to-end training with them).
 from __future__ import annotations
 
 import argparse
+import bisect
 import copy
+import itertools
 import json
 import math
 import random
@@ -72,6 +74,26 @@ _PALETTE_T = torch.tensor([PALETTE[c] for c in COLOURS], dtype=torch.float32) / 
 
 def caption(fg: int, shape: int, bg: int) -> str:
     return f"a {COLOURS[fg]} {SHAPES[shape]} on a {COLOURS[bg]} background"
+
+
+# The sentence forms of the training captions, with their weights. The short forms are the ones
+# people type first; a colour they leave out is whatever the scene has (uniformly random).
+CAPTION_FORMS: list[tuple[str, float]] = [
+    ("a {fg} {shape} on a {bg} background", 0.45),
+    ("a {fg} {shape}", 0.15),
+    ("{fg} {shape}", 0.10),
+    ("a {shape} on a {bg} background", 0.15),
+    ("{fg} {shape} on a {bg} background", 0.05),
+    ("{shape} on a {bg} background", 0.05),
+    ("a {shape}", 0.05),
+]
+_FORM_CDF = list(itertools.accumulate(w for _, w in CAPTION_FORMS))
+
+
+def varied_caption(fg: int, shape: int, bg: int, u: float) -> str:
+    """The caption of a scene in the form picked by `u` (uniform in [0, 1)) from CAPTION_FORMS."""
+    index = min(bisect.bisect_right(_FORM_CDF, u * _FORM_CDF[-1]), len(CAPTION_FORMS) - 1)
+    return CAPTION_FORMS[index][0].format(fg=COLOURS[fg], shape=SHAPES[shape], bg=COLOURS[bg])
 
 
 @dataclass
@@ -384,20 +406,29 @@ class LatentCache:
 
 
 @torch.no_grad()
-def encode_dataset(vae, tok, n: int, seed: int, chunk: int = 256, quiet: bool = False) -> LatentCache:
-    """Generate n scenes and cache their VAE posteriors and caption token ids."""
+def encode_dataset(
+    vae, tok, n: int, seed: int, chunk: int = 256, quiet: bool = False, size: int = RESOLUTION, varied: bool = True
+) -> LatentCache:
+    """Generate n scenes of `size` px and cache their VAE posteriors and caption token ids (each
+    caption in a random form of CAPTION_FORMS, or all in the full form unless `varied`)."""
     gen = torch.Generator().manual_seed(seed)
     means, stds, ids, labels = [], [], [], []
-    bar = _pbar(n, "encode", quiet)
+    bar = _pbar(n, f"encode {size}px", quiet)
     done = 0
     while done < n:
         k = min(chunk, n - done)
-        b = make_batch(k, gen)
+        b = make_batch(k, gen, size=size)
         post = vae.encode(b.images).latent_dist
         means.append(post.mean)
         stds.append(post.std)
+        captions = b.captions
+        if varied:
+            forms = torch.rand(k, generator=gen).tolist()
+            captions = [
+                varied_caption(int(f), int(s), int(g), u) for f, s, g, u in zip(b.fg, b.shape, b.bg, forms, strict=True)
+            ]
         ids.append(
-            tok(b.captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+            tok(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
         )
         labels.append(torch.stack([b.fg, b.shape, b.bg], 1))
         done += k
@@ -472,8 +503,14 @@ def train_unet(
     quiet: bool = False,
     v_pred: bool = False,
     device: str = "cpu",
+    cache_hi: LatentCache | None = None,
+    hi_every: int = 0,
 ):
     """Train UNet + text encoder jointly. Returns (ema_unet, ema_text, losses).
+
+    With ``cache_hi`` (scenes at a larger size), every ``hi_every``-th step trains on those, with a
+    quarter of the batch (4x the latent cells per scene: about the same cost), so the model also draws
+    one shape, not several, at that size.
 
     All random numbers come from one CPU generator seeded with ``seed`` (reproducible).
     """
@@ -501,21 +538,22 @@ def train_unet(
     ema = EMA([unet, text_encoder], ema_decay)
     unet.train()
     text_encoder.train()
-    n = cache.mean.shape[0]
     losses, run = [], None
     end = _deadline(minutes)
     bar = _pbar(steps, "unet", quiet)
     for step in range(steps):
         for g, b0 in zip(opt.param_groups, base, strict=True):
             g["lr"] = lr_at(step, steps, b0, warmup=min(200, steps // 10 + 1))
-        idx = torch.randint(0, n, (batch_size,), generator=gen)
-        z0 = cache.mean[idx] + cache.std[idx] * torch.randn(cache.mean[idx].shape, generator=gen)
+        hi = cache_hi is not None and hi_every > 0 and step % hi_every == hi_every - 1
+        data, bs = (cache_hi, max(1, batch_size // 4)) if hi else (cache, batch_size)
+        idx = torch.randint(0, data.mean.shape[0], (bs,), generator=gen)
+        z0 = data.mean[idx] + data.std[idx] * torch.randn(data.mean[idx].shape, generator=gen)
         z0 = z0 * scaling_factor
-        ids = cache.ids[idx].clone()
+        ids = data.ids[idx].clone()
         if uncond_prob > 0 and empty_ids is not None:
-            drop = torch.rand(batch_size, generator=gen) < uncond_prob
+            drop = torch.rand(bs, generator=gen) < uncond_prob
             ids[drop] = empty_ids
-        t = torch.randint(0, 1000, (batch_size,), generator=gen)
+        t = torch.randint(0, 1000, (bs,), generator=gen)
         eps = torch.randn(z0.shape, generator=gen)
         z0, ids, t, eps = z0.to(device), ids.to(device), t.to(device), eps.to(device)
         a, s = alpha[t].view(-1, 1, 1, 1), sigma[t].view(-1, 1, 1, 1)
@@ -648,6 +686,12 @@ def save_pipeline(out: Path, unet, vae, text_encoder, tok, scheduler, fp16: bool
     cfg = json.loads(pc.read_text())
     cfg["image_processor_type"] = "CLIPImageProcessor"
     pc.write_text(json.dumps(cfg, indent=2) + "\n")
+    # sdserver reads a model folder's own defaults from here (other servers ignore the file).
+    (out / "sdserver.json").write_text(json.dumps(SDSERVER_DEFAULTS, indent=2) + "\n")
+
+
+# What this model is best sampled with (docs/demo-model.md): sdserver's defaults for it.
+SDSERVER_DEFAULTS = {"default_steps": 20}
 
 
 def folder_size(path: Path) -> int:
@@ -676,8 +720,15 @@ def parse_args(argv=None):
     ap.add_argument(
         "--vae-minutes",
         type=float,
-        default=12.0,
+        default=20.0,
         help="wall-clock safety cap for the VAE stage (0 = none); a run that hits it is no longer exactly reproducible",
+    )
+    ap.add_argument(
+        "--vae-from",
+        type=Path,
+        default=None,
+        help="take the VAE of this model folder instead of training one (the bundled demo's VAE is this "
+        "script's VAE stage with the defaults: reusing it saves that stage)",
     )
     ap.add_argument(
         "--vae-channels",
@@ -685,13 +736,20 @@ def parse_args(argv=None):
         help="AutoencoderKL block_out_channels; 4 blocks = 8x down (SD geometry), 3 = 4x",
     )
     ap.add_argument("--cache-size", type=int, default=30000, help="scenes encoded once for UNet training")
-    ap.add_argument("--unet-steps", type=int, default=1500)
+    ap.add_argument(
+        "--hi-size", type=int, default=128, help="a second scene size (px) the UNet also trains on (0 = none)"
+    )
+    ap.add_argument("--hi-cache-size", type=int, default=8000, help="scenes of --hi-size encoded once")
+    ap.add_argument(
+        "--hi-every", type=int, default=3, help="every n-th UNet step trains on --hi-size scenes (batch / 4)"
+    )
+    ap.add_argument("--unet-steps", type=int, default=2000)
     ap.add_argument("--unet-batch", type=int, default=128)
     ap.add_argument("--unet-lr", type=float, default=1e-3)
     ap.add_argument(
         "--unet-minutes",
         type=float,
-        default=35.0,
+        default=120.0,
         help="wall-clock safety cap for the UNet stage (0 = none); a run that hits it "
         "is no longer exactly reproducible",
     )
@@ -744,19 +802,27 @@ def run(args) -> dict:
     print(f"tokenizer: {len(tok)} tokens, max length {tok.model_max_length}")
 
     # 1. autoencoder
-    vae = build_vae(_ints(args.vae_channels))
-    print(f"vae: {n_params(vae) / 1e6:.2f}M params, {2 ** (len(_ints(args.vae_channels)) - 1)}x down")
     t = time.time()
-    vae_hist = train_vae(
-        vae, args.vae_steps, args.vae_batch, args.vae_lr, seed=args.seed, minutes=args.vae_minutes, quiet=args.quiet
-    )
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(args.vae_from), subfolder="vae", torch_dtype=torch.float32).eval()
+        vae_hist: list[float] = []
+        print(f"vae: taken from {args.vae_from}")
+    else:
+        vae = build_vae(_ints(args.vae_channels))
+        print(f"vae: {n_params(vae) / 1e6:.2f}M params, {2 ** (len(_ints(args.vae_channels)) - 1)}x down")
+        vae_hist = train_vae(
+            vae, args.vae_steps, args.vae_batch, args.vae_lr, seed=args.seed, minutes=args.vae_minutes, quiet=args.quiet
+        )
     vae.requires_grad_(False)
     summary["vae_minutes"] = (time.time() - t) / 60
     summary["vae_recon_mse"] = vae_recon_mse(vae)
-    sf = measure_scaling_factor(vae)
+    sf = float(vae.config.scaling_factor) if args.vae_from else measure_scaling_factor(vae)
     vae.register_to_config(scaling_factor=sf)
     summary["scaling_factor"] = sf
-    summary["vae_loss_first_last"] = (float(np.mean(vae_hist[:20])), float(np.mean(vae_hist[-20:])))
+    if vae_hist:
+        summary["vae_loss_first_last"] = (float(np.mean(vae_hist[:20])), float(np.mean(vae_hist[-20:])))
     print(
         f"vae: {len(vae_hist)} steps in {summary['vae_minutes']:.1f} min, held-out recon MSE "
         f"{summary['vae_recon_mse']:.4f}, scaling_factor {sf:.4f}",
@@ -766,7 +832,10 @@ def run(args) -> dict:
     # 2. latents
     t = time.time()
     cache = encode_dataset(vae, tok, args.cache_size, seed=args.seed + 1, quiet=args.quiet)
-    print(f"encoded {args.cache_size} scenes in {time.time() - t:.0f} s", flush=True)
+    cache_hi = None
+    if args.hi_size and args.hi_cache_size:
+        cache_hi = encode_dataset(vae, tok, args.hi_cache_size, seed=args.seed + 3, quiet=args.quiet, size=args.hi_size)
+    print(f"encoded {args.cache_size} + {args.hi_cache_size} scenes in {time.time() - t:.0f} s", flush=True)
 
     # 3. text encoder + UNet
     text_encoder = build_text_encoder(tok, args.text_hidden, args.text_layers)
@@ -788,6 +857,8 @@ def run(args) -> dict:
         empty_ids=empty_ids,
         quiet=args.quiet,
         v_pred=args.v_pred,
+        cache_hi=cache_hi,
+        hi_every=args.hi_every,
     )
     summary["unet_minutes"] = (time.time() - t) / 60
     k = max(1, min(50, len(losses) // 5))

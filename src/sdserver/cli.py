@@ -1,184 +1,113 @@
-"""Command line: `sdserver serve`, `sdserver make-tiny-model`."""
+"""Command line: `sdserver serve`, `sdserver generate`, `sdserver make-tiny-model`.
+
+Nothing here imports torch at module level: settings are read and checked, and the port is bound,
+before the engine (and torch) is imported, so a bad configuration or a port in use fails in a second.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
-import threading
-from collections.abc import Callable, Iterator
+import socket
+import sys
 from pathlib import Path
-from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-import uvicorn
-from rich.logging import RichHandler
 
-from sdserver.core.errors import ConfigError, ModelLoadError
+from sdserver import __version__, cli_options, logs
+from sdserver.core.errors import ConfigError
+from sdserver.settings import DEFAULT_MODEL
 
-app = typer.Typer(help="sdserver: a local Stable Diffusion inference server.", no_args_is_help=True)
+app = typer.Typer(
+    help="sdserver: a local Stable Diffusion inference server.",
+    no_args_is_help=True,
+    rich_markup_mode=None,  # plain help: plain metavars, no boxes, the same in a pipe
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+SERVE_OPTIONS = cli_options.setting_options()
+SERVE_EPILOG = (
+    "Every option can also be set in the environment as SDSERVER_<NAME> (e.g. SDSERVER_PORT=8080, "
+    "SDSERVER_LIMITS__MAX_STEPS=50; lists comma-separated: SDSERVER_API_KEY=k1,k2) or as a key of "
+    "config.json (port, limits.max_steps...). Precedence: flags, then environment, then config.json. "
+    f"The default model is {DEFAULT_MODEL} from the Hugging Face hub (cached, or downloaded on first "
+    "use); offline and not cached, the bundled demo model is served instead."
+)
 
 
-def _configure_logging(level: str) -> None:
-    # transformers warns at import that torchvision is absent (harmless: it falls back to PIL).
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    logging.basicConfig(
-        level=level.upper(), format="%(message)s", datefmt="[%X]", handlers=[RichHandler(show_path=False)]
-    )
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sdserver {__version__}")
+        raise typer.Exit()
 
 
-@app.command()
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit")
+    ] = False,
+) -> None:
+    """sdserver: a local Stable Diffusion inference server."""
+
+
 def serve(
     config: Annotated[
-        Path | None, typer.Option(help="config.json in the original format (default ./config.json)")
+        Path | None, typer.Option(metavar="FILE", help="config.json in the original format [default: ./config.json]")
     ] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Base model: hub id, diffusers folder, .safetensors/.ckpt file, or 'demo'")
-    ] = None,
-    models_dir: Annotated[
-        Path | None,
-        typer.Option(help="Folder whose diffusers sub-folders and .safetensors/.ckpt files are models, by name"),
-    ] = None,
-    max_loaded_models: Annotated[
-        int | None, typer.Option(help="Models kept loaded at most; least recently used unloads (default 3)")
-    ] = None,
-    max_memory_gb: Annotated[
-        float | None, typer.Option(help="GB of model weights kept loaded at most (default: no limit)")
-    ] = None,
-    preload: Annotated[
-        list[str] | None, typer.Option(help="Also load this model at start (repeat; 'all' for every model)")
-    ] = None,
-    loras_dir: Annotated[Path | None, typer.Option(help="Folder of LoRA .safetensors files requests may name")] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1)")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default 1337)")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cuda, cuda:N, mps or cpu (default auto)")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto, float16, bfloat16, float32 (default auto)")] = None,
-    max_queue: Annotated[int | None, typer.Option(help="Requests waiting at most (default 64)")] = None,
-    max_batch_size: Annotated[int | None, typer.Option(help="Images per pipeline call at most (default 8)")] = None,
-    batch_window_ms: Annotated[float | None, typer.Option(help="Wait for batch company (default 20)")] = None,
-    queue_timeout: Annotated[
-        float | None, typer.Option(help="Seconds a request may wait in the queue before 504 (default 600)")
-    ] = None,
-    job_ttl: Annotated[float | None, typer.Option(help="Seconds finished jobs stay listed (default 3600)")] = None,
-    max_jobs_kept: Annotated[int | None, typer.Option(help="Finished jobs kept at most (default 1000)")] = None,
-    allow_webhooks: Annotated[
-        bool | None, typer.Option("--allow-webhooks/--no-webhooks", help="Let jobs POST their result to a URL")
-    ] = None,
-    api_key: Annotated[
-        list[str] | None, typer.Option(help="Require Authorization: Bearer KEY (repeat for several keys)")
-    ] = None,
-    api_auth: Annotated[list[str] | None, typer.Option(help="Also accept HTTP Basic user:pass (A1111 clients)")] = None,
-    open_original_api: Annotated[
-        bool | None,
-        typer.Option("--open-original-api", help="Keep the original API's routes open when keys are set"),
-    ] = None,
-    cors_origin: Annotated[list[str] | None, typer.Option(help="Allow browser pages from this origin (repeat)")] = None,
-    max_body_mb: Annotated[float | None, typer.Option(help="Largest request body in MB (default 32)")] = None,
-    drain_timeout: Annotated[
-        float | None, typer.Option(help="Seconds to finish queued work on SIGTERM (default 30)")
-    ] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+    **flags: Any,
 ) -> None:
-    """Load the models and serve the API."""
-    _configure_logging(log_level)  # first: it quiets the libraries imported below
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    from sdserver.api.app import begin_shutdown, create_app
-    from sdserver.api.security import warn_if_exposed
-    from sdserver.engine import Engine
-    from sdserver.settings import load_settings
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    """Serve the API: the port opens at once (/health answers), /ready and generation answer 503 until
+    the models have loaded. Ctrl-C or SIGTERM finishes the work in progress (--drain-timeout); a
+    second Ctrl-C stops at once."""
+    given = cli_options.overrides(SERVE_OPTIONS, flags)
+    logs.configure(given.get("log_level", "info"), given.get("log_format", "auto"))
     log = logging.getLogger("sdserver")
     try:
-        settings = load_settings(
-            config,
-            model=model,
-            models_dir=str(models_dir) if models_dir is not None else None,
-            max_loaded_models=max_loaded_models,
-            max_memory_gb=max_memory_gb,
-            preload=preload or None,
-            loras_dir=str(loras_dir) if loras_dir is not None else None,
-            host=host,
-            port=port,
-            device=device,
-            dtype=dtype,
-            max_queue=max_queue,
-            max_batch_size=max_batch_size,
-            batch_window_ms=batch_window_ms,
-            queue_timeout=queue_timeout,
-            job_ttl=job_ttl,
-            max_jobs_kept=max_jobs_kept,
-            allow_webhooks=allow_webhooks,
-            api_keys=api_key or None,
-            api_auth=api_auth or None,
-            open_original_api=open_original_api,
-            cors_origins=cors_origin or None,
-            max_body_mb=max_body_mb,
-            drain_timeout=drain_timeout,
-        )
-        engine = Engine.from_settings(settings)
-        engine.load()
-    except (ConfigError, ModelLoadError) as exc:
+        from sdserver.settings import load_settings
+
+        settings = load_settings(config, **given)
+    except ConfigError as exc:
         log.error("cannot start: %s", exc.message)
         raise typer.Exit(2) from None
+    logs.configure(settings.log_level, settings.log_format)
+    logs.quiet_libraries()
+    try:
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        log.error("cannot start: cannot listen on %s port %d: %s", settings.host, settings.port, reason)
+        raise typer.Exit(2) from None
+    from sdserver.api.security import warn_if_exposed
+    from sdserver.server import run
+
     warn_if_exposed(settings)
-    log.info("listening on http://%s:%d", settings.host, settings.port)
-    fatal = threading.Event()
-
-    def on_fatal() -> None:
-        fatal.set()
-        server.handle_exit(signal.SIGTERM, None)
-
-    app = create_app(settings, engine, loaded=True, on_fatal=on_fatal)
-    server = GracefulServer(
-        uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level=log_level.lower(),
-            log_config=None,
-            access_log=False,  # our RequestLog writes the structured line
-            timeout_graceful_shutdown=int(settings.drain_timeout) + 5,
-        ),
-        on_exit_signal=lambda: begin_shutdown(app),
-    )
-    server.run()
-    if fatal.is_set():
-        log.error("exiting because the worker thread died (a supervisor should restart the server)")
-        raise typer.Exit(1)
+    host, port = sock.getsockname()[:2]
+    log.info("listening on http://%s:%d (loading the models: /health answers now, /ready once loaded)", host, port)
+    code = run(settings, sock)
+    # Exit now: the interpreter's teardown of torch takes seconds, and aborts if a model is mid-load.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
-class GracefulServer(uvicorn.Server):
-    """uvicorn's Server, plus: SIGTERM/SIGINT first tell the app to drain (`on_exit_signal`), and a
-    clean shutdown exits 0.
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, bound now: a port in use is found before anything loads."""
+    addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = addresses[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
-    uvicorn re-raises the captured signal once it has shut down, so the process dies "by signal";
-    supervisors (systemd, Kubernetes) should see a clean exit after a graceful drain.
-    """
 
-    def __init__(self, config: uvicorn.Config, on_exit_signal: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_exit_signal = on_exit_signal
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self.should_exit:
-            self._on_exit_signal()
-        super().handle_exit(sig, frame)
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        with super().capture_signals():
-            try:
-                yield
-            finally:
-                self._captured_signals.clear()
+app.command(epilog=SERVE_EPILOG)(cli_options.with_setting_options(serve, SERVE_OPTIONS))
 
 
 @app.command("make-tiny-model")
@@ -218,10 +147,17 @@ def make_tiny_model(
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Image file: .png (with parameters), .jpg or .webp")],
-    model: Annotated[str | None, typer.Option(help="In-process: hub id, folder or 'demo'; --url: a model name")] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps (default 50)")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help=f"In-process: hub id, folder, file or 'demo' (default {DEFAULT_MODEL}); --url: a model name"),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Denoising steps (default: the model's own: 20 for the demo, 50 for SD)")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default random)")] = None,
-    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT, e.g. 512x512 (default: the model's)")] = None,
+    size: Annotated[
+        str | None, typer.Option(help="WIDTHxHEIGHT, e.g. 512x512 (default: the model's native size)")
+    ] = None,
     negative_prompt: Annotated[str | None, typer.Option(help="What to steer away from")] = None,
     sampler: Annotated[str | None, typer.Option(help="An A1111 sampler name, e.g. 'DPM++ 2M Karras'")] = None,
     guidance_scale: Annotated[float | None, typer.Option(help="CFG scale (default 7.5)")] = None,
@@ -232,7 +168,9 @@ def generate(
     config: Annotated[Path | None, typer.Option(help="config.json, in-process only")] = None,
     device: Annotated[str | None, typer.Option(help="In-process: auto, cuda, mps, cpu")] = None,
 ) -> None:
-    """Generate one image, in-process or on a running server (--url), with a progress bar."""
+    """Generate one image, in-process or on a running server (--url), with a progress bar on a
+    terminal. The last line says what was written: `wrote out.png (seed 42, 64x64, 20 steps)`.
+    Ctrl-C cancels the job (on the server too) and exits 130."""
     from sdserver.cli_generate import run_generate
 
     run_generate(

@@ -24,8 +24,14 @@ console = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    # soft_wrap: one line whatever the terminal width (a script may read it)
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
+
+
+def _interrupted(message: str) -> typer.Exit:
+    console.print(message, soft_wrap=True, highlight=False)
+    return typer.Exit(130)  # the shell's convention for "stopped by Ctrl-C"
 
 
 def _size(size: str | None) -> dict[str, int]:
@@ -38,8 +44,14 @@ def _size(size: str | None) -> dict[str, int]:
 
 
 def _bar() -> Progress:
+    """A progress bar on a terminal; nothing in a pipe or a file (machine output stays one line)."""
     return Progress(
-        TextColumn("[bold]denoising"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+        TextColumn("[bold]denoising"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
     )
 
 
@@ -64,35 +76,41 @@ def run_generate(
         image, png = _in_process(data, config, device)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(png if output_format == "png" else encode_image(image, output_format, quality))
-    console.print(f"wrote {output} (seed {json.loads(image.info.get('parameters_json', '{}')).get('seed', '?')})")
+    params = json.loads(image.info.get("parameters_json", "{}"))
+    seed, steps = params.get("seed", "?"), params.get("steps", "?")
+    # typer.echo: never wrapped, whatever the terminal (scripts and tests read this line)
+    typer.echo(f"wrote {output} (seed {seed}, {image.width}x{image.height}, {steps} steps)")
 
 
 def _in_process(data: dict[str, Any], config: Path | None, device: str | None) -> tuple[Image.Image, bytes]:
-    import logging
-
-    from diffusers.utils import logging as diffusers_logging
-
-    from sdserver.core.errors import ConfigError, ModelLoadError
+    from sdserver import logs
     from sdserver.core.types import validate_request
-    from sdserver.engine import Engine
-    from sdserver.imaging import encode_png
-    from sdserver.service.jobs import Job
-    from sdserver.service.scheduler import Scheduler
     from sdserver.settings import load_settings
 
-    diffusers_logging.disable_progress_bar()
-    logging.getLogger("sdserver").setLevel(logging.WARNING)
+    logs.configure("warning")  # the library's info lines are the server's story, not this command's
+    logs.quiet_libraries()  # before the engine imports torch, transformers and diffusers
     model = data.pop("model", None)
     try:
         settings = load_settings(config, model=model, device=device)
+        request = validate_request(data, limits=settings.limits)
+        from sdserver.engine import Engine
+
         engine = Engine.from_settings(settings)
         with console.status("loading the model"):
             engine.load()
-        request = validate_request(data, limits=settings.limits)
-    except (ConfigError, ModelLoadError, SDServerError) as exc:
+    except SDServerError as exc:
         raise _fail(exc.message) from None
+    return _run_in_process(engine, request)
+
+
+def _run_in_process(engine: Any, request: Any) -> tuple[Image.Image, bytes]:
+    from sdserver.imaging import encode_png
+    from sdserver.service.jobs import Job
+    from sdserver.service.scheduler import Scheduler
+
     scheduler = Scheduler(engine, max_queue=1, max_batch_size=1, batch_window_s=0)
     scheduler.start()
+    job: Job | None = None
     try:
         with _bar() as bar:
             task = bar.add_task("denoising", total=request.steps)
@@ -106,8 +124,10 @@ def _in_process(data: dict[str, Any], config: Path | None, device: str | None) -
             result = job.wait()
     except SDServerError as exc:
         raise _fail(exc.message, 1) from None
+    except KeyboardInterrupt:
+        raise _interrupted("cancelled") from None
     finally:
-        scheduler.stop()
+        scheduler.stop(timeout=0 if job is None or not job.done else 10)
     image = result.images[0].image
     return image, encode_png(image)
 
@@ -123,27 +143,47 @@ def _events(response: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _remote(url: str, data: dict[str, Any]) -> tuple[Image.Image, bytes]:
+    job_id: str | None = None
     try:
         with httpx.Client(base_url=url, timeout=httpx.Timeout(30.0, read=None)) as client:
-            created = client.post("/v1/jobs", json=data)
-            if created.status_code >= 400:
-                raise _fail(_message(created))
-            job_id = created.json()["id"]
-            with _bar() as bar, client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
-                task = bar.add_task("denoising", total=data.get("steps"))
-                for event, payload in _events(response):
-                    progress = payload.get("progress")
-                    if event == "progress" and progress:
-                        bar.update(task, completed=progress["step"], total=progress["total"])
-                    elif event == "succeeded":
-                        png = base64.b64decode(payload["images"][0]["base64"])
-                        return Image.open(io.BytesIO(png)), png
-                    elif event in ("failed", "cancelled"):
-                        error = payload.get("error") or {}
-                        raise _fail(f"the job {event}: {error.get('message', '')}", 1)
+            try:
+                created = client.post("/v1/jobs", json=data)
+                if created.status_code >= 400:
+                    raise _fail(_message(created))
+                job_id = str(created.json()["id"])
+                return _follow(client, job_id, data.get("steps"))
+            except KeyboardInterrupt:
+                raise _interrupted(_cancel(client, url, job_id)) from None
     except httpx.HTTPError as exc:
         raise _fail(f"cannot reach {url}: {exc}", 1) from None
+
+
+def _follow(client: httpx.Client, job_id: str, steps: int | None) -> tuple[Image.Image, bytes]:
+    """Follow the job's events to its end: its image, or a failure."""
+    with _bar() as bar, client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        task = bar.add_task("denoising", total=steps)
+        for event, payload in _events(response):
+            progress = payload.get("progress")
+            if event == "progress" and progress:
+                bar.update(task, completed=progress["step"], total=progress["total"])
+            elif event == "succeeded":
+                png = base64.b64decode(payload["images"][0]["base64"])
+                return Image.open(io.BytesIO(png)), png
+            elif event in ("failed", "cancelled"):
+                error = payload.get("error") or {}
+                raise _fail(f"the job {event}: {error.get('message', '')}", 1)
     raise _fail("the server closed the event stream before the job finished", 1)
+
+
+def _cancel(client: httpx.Client, url: str, job_id: str | None) -> str:
+    """Cancel the job on the server (on Ctrl-C); the one line to print."""
+    if job_id is None:
+        return "cancelled before the job was created"
+    try:
+        client.delete(f"/v1/jobs/{job_id}", timeout=5)
+    except httpx.HTTPError as exc:
+        return f"interrupted; could not cancel job {job_id} on {url}: {exc}"
+    return f"cancelled job {job_id} on {url}"
 
 
 def _message(response: httpx.Response) -> str:

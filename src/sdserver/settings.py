@@ -117,45 +117,102 @@ def is_url_safe(name: str) -> bool:
 
 
 def is_hub_id(source: str) -> bool:
-    """A `owner/name` string that is not an existing local path is taken as a Hugging Face hub id."""
-    return bool(_HUB_ID.match(source)) and not Path(source).expanduser().exists()
+    """A `owner/name` string that is not an existing local path (nor a checkpoint file name) is taken as
+    a Hugging Face hub id."""
+    return (
+        bool(_HUB_ID.match(source))
+        and not Path(source).expanduser().exists()
+        and Path(source).suffix.lower() not in SINGLE_FILE_SUFFIXES
+    )
+
+
+def looks_like_path(source: str) -> bool:
+    """Meant as a local file or folder: a checkpoint file name, or a path that is not `owner/name`."""
+    if Path(source).suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return True
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
 
 
 class Settings(BaseSettings):
+    """Every setting of the server, written once: each field's default and description are its
+    `sdserver serve --option` (cli_options.py builds them), its `SDSERVER_<NAME>` environment
+    variable and its config.json key. A field marked `json_schema_extra={"cli": False}` has no flag;
+    `{"flag": "name"}` names its flag when the field name would read badly (lists: one per use)."""
+
     model_config = SettingsConfigDict(
         env_prefix="SDSERVER_", env_nested_delimiter="__", extra="ignore", populate_by_name=True
     )
 
-    model: str | None = None  # hub id, local diffusers folder, or "demo"; None: the default (see resolve)
-    hf_token: str | None = Field(default=None, validation_alias=AliasChoices("hf_token", "HF_TOKEN"))
-    custom_models: list[CustomModel] = Field(default_factory=list)
-    models_dir: str | None = None  # every diffusers folder and .safetensors/.ckpt file in it is a model
-    max_loaded_models: int = Field(default=3, ge=1)  # the least recently used is unloaded past this
-    max_memory_gb: float | None = Field(default=None, gt=0)  # and past this many GB of weights
-    preload: Annotated[list[str], NoDecode] = Field(default_factory=list)  # models loaded at start; "all"
-    loras_dir: str | None = None  # LoRA adapters (.safetensors) that requests may name
-    host: str = "127.0.0.1"
-    port: int = Field(default=1337, ge=0, le=65535)
-    device: str = "auto"  # auto: cuda, then mps, then cpu
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"  # auto: fp16 on CUDA, fp32 otherwise
-    max_queue: int = Field(default=64, ge=1)
-    max_batch_size: int = Field(default=8, ge=1)
-    batch_window_ms: float = Field(default=20.0, ge=0)
-    queue_timeout: float | None = Field(default=600.0, gt=0)  # seconds a request may wait before it starts
-    job_ttl: float = Field(default=3600.0, gt=0)  # seconds a finished job stays visible in the jobs API
-    max_jobs_kept: int = Field(default=1000, ge=0)
-    allow_webhooks: bool = False
-    webhook_attempts: int = Field(default=3, ge=1, le=10)
+    model: str | None = Field(
+        default=None,
+        description=f"Base model: a hub id, a diffusers folder, a .safetensors/.ckpt file, or 'demo' (the bundled "
+        f"one). Default: {DEFAULT_MODEL} from the hub, or the demo model when that cannot be loaded",
+    )
+    hf_token: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("hf_token", "HF_TOKEN"),
+        description="Hugging Face token for gated models (config.json or HF_TOKEN; no flag: it would show in ps)",
+        json_schema_extra={"cli": False},
+    )
+    custom_models: list[CustomModel] = Field(
+        default_factory=list,
+        description="The original server's custom models (config.json only)",
+        json_schema_extra={"cli": False},
+    )
+    models_dir: str | None = Field(
+        default=None, description="Folder whose diffusers sub-folders and .safetensors/.ckpt files are models, by name"
+    )
+    max_loaded_models: int = Field(
+        default=3, ge=1, description="Models kept loaded at most; past it the least recently used one is unloaded"
+    )
+    max_memory_gb: float | None = Field(
+        default=None, gt=0, description="GB of model weights kept loaded at most (default: no limit)"
+    )
+    preload: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Also load this model at start (repeat; 'all' for every model); others load on first use",
+    )
+    loras_dir: str | None = Field(default=None, description="Folder of LoRA .safetensors files that requests may name")
+    host: str = Field(default="127.0.0.1", description="Address to listen on (0.0.0.0: every interface)")
+    port: int = Field(default=1337, ge=0, le=65535, description="Port to listen on (0: any free port)")
+    device: str = Field(default="auto", description="auto (CUDA, then Apple MPS, then CPU), cuda, cuda:N, mps or cpu")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        default="auto", description="Weights' dtype; auto: float16 on CUDA, float32 elsewhere"
+    )
+    max_queue: int = Field(default=64, ge=1, description="Requests waiting at most; past it 429")
+    max_batch_size: int = Field(default=8, ge=1, description="Images per pipeline call at most")
+    batch_window_ms: float = Field(
+        default=20.0, ge=0, description="Milliseconds a batch waits for compatible company under load"
+    )
+    queue_timeout: float | None = Field(
+        default=600.0, gt=0, description="Seconds a request may wait in the queue before it is dropped (504)"
+    )
+    job_ttl: float = Field(default=3600.0, gt=0, description="Seconds a finished job stays visible in the jobs API")
+    max_jobs_kept: int = Field(default=1000, ge=0, description="Finished jobs kept at most")
+    allow_webhooks: bool = Field(default=False, description="Let jobs POST their result to a client-chosen URL")
+    webhook_attempts: int = Field(default=3, ge=1, le=10, description="Delivery attempts per webhook")
     # Access and hardening
-    api_keys: Annotated[list[str], NoDecode] = Field(  # Bearer keys; empty: no auth
+    api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         validation_alias=AliasChoices("api_keys", "api_key", "SDSERVER_API_KEY", "SDSERVER_API_KEYS"),
+        description="Require Authorization: Bearer KEY (repeat for several keys); none: no auth",
+        json_schema_extra={"flag": "api-key"},
     )
-    api_auth: Annotated[list[str], NoDecode] = Field(default_factory=list)  # "user:pass" for HTTP Basic
-    open_original_api: bool = False  # leave the original API's routes open when keys are set
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    max_body_mb: float = Field(default=32.0, gt=0)
-    drain_timeout: float = Field(default=30.0, ge=0)  # seconds to finish work on SIGTERM
+    api_auth: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Also accept HTTP Basic user:pass (A1111 clients; repeatable)"
+    )
+    open_original_api: bool = Field(
+        default=False, description="Keep the original API's routes open when API keys are set"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Allow browser pages from this origin, e.g. http://host:port (repeatable)",
+        json_schema_extra={"flag": "cors-origin"},
+    )
+    max_body_mb: float = Field(default=32.0, gt=0, description="Largest request body in MB; past it 413")
+    drain_timeout: float = Field(
+        default=30.0, ge=0, description="On SIGTERM or Ctrl-C, seconds to finish queued and running work"
+    )
 
     @field_validator("cors_origins", "preload", "allowed_hosts", "webhook_allowed_hosts", mode="before")
     @classmethod
@@ -201,7 +258,7 @@ class Settings(BaseSettings):
     def auth_enabled(self) -> bool:
         return bool(self.api_keys or self.api_auth or self.admin_keys)
 
-    limits: Limits = Field(default_factory=Limits)
+    limits: Limits = Field(default_factory=Limits, description="Caps on what one request may ask for")
 
     @model_validator(mode="after")
     def _unique_url_paths(self) -> Settings:
@@ -252,8 +309,19 @@ class Settings(BaseSettings):
     )
 
     # OpenAI / AUTOMATIC1111 adapters
-    image_url_ttl: float = Field(default=3600.0, gt=0)  # seconds an OpenAI response_format=url image lives
-    image_url_max_mb: float = Field(default=512.0, gt=0)  # memory for those images; the oldest go first
+    image_url_ttl: float = Field(
+        default=3600.0, gt=0, description="Seconds an OpenAI response_format=url image stays downloadable"
+    )
+    image_url_max_mb: float = Field(
+        default=512.0, gt=0, description="MB of memory for those images; past it the oldest go first"
+    )
+
+    # Logging (issue 11)
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level")
+    log_format: Literal["auto", "text", "json"] = Field(
+        default="auto",
+        description="auto: readable on a terminal, one plain line per record otherwise; json: one JSON object a line",
+    )
 
     # Studio and history (issue 13)
     outputs_dir: str = Field(
@@ -327,7 +395,7 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
     file_values = read_config_file(path, required=config_path is not None and "model" not in given)
     token = _file_values.set(file_values)
     try:
-        return Settings(**given)
+        settings = Settings(**given)
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"]) or "config"
@@ -335,3 +403,17 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(f"invalid setting {where} (from flags, environment or {path}): {reason}") from None
     finally:
         _file_values.reset(token)
+    _check_paths(settings)
+    return settings
+
+
+def _check_paths(settings: Settings) -> None:
+    """Local paths that do not exist: found now, before anything heavy is imported or loaded."""
+    model = settings.model
+    if model and model != DEMO_MODEL and looks_like_path(model) and not Path(model).expanduser().exists():
+        kind = "file" if Path(model).suffix.lower() in SINGLE_FILE_SUFFIXES else "file or folder"
+        raise ConfigError(f"model {model!r}: no such {kind}")
+    for name in ("models_dir", "loras_dir"):
+        folder = getattr(settings, name)
+        if folder is not None and not Path(folder).expanduser().is_dir():
+            raise ConfigError(f"{name} {folder!r} is not a folder")

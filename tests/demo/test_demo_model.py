@@ -2,8 +2,9 @@
 
 The model lives in ``src/sdserver/assets/demo`` and is made by
 ``training/train_demo.py``. Its world: one shape (circle, square, triangle) in
-one of six colours on a plain background of another colour, 64x64 px, prompts
-"a <colour> <shape> on a <colour> background".
+one of six colours on a plain background of another colour, 64x64 px (and
+128x128), prompts "a <colour> <shape> on a <colour> background" and the short
+forms "a red circle", "red circle", "a circle on a blue background".
 
 All checks are simple pixel statistics written here:
 
@@ -124,6 +125,18 @@ def analyse(img: np.ndarray) -> dict[str, str]:
     return {"bg": COLOURS[bg], "fg": COLOURS[fg], "shape": shape}
 
 
+def components(img: np.ndarray, min_pixels: int = 8) -> int:
+    """Separate foreground blobs (8-connected, at least `min_pixels` pixels): 1 for one shape, more for
+    tiles (several shapes where one was asked for)."""
+    from scipy import ndimage
+
+    found = analyse(img)
+    if found["fg"] == "none":
+        return 0
+    labels, _ = ndimage.label(coverage(img, found["fg"], found["bg"]) > 0.5, structure=np.ones((3, 3)))
+    return int((np.bincount(labels.ravel())[1:] >= min_pixels).sum())
+
+
 def draw(fg: str, shape: str, bg: str, cx: float, cy: float, r: float) -> np.ndarray:
     """An ideal scene like the training data, (64, 64, 3) uint8."""
     m = ideal_mask(shape, cx, cy, r)
@@ -158,6 +171,21 @@ def pipe():
 
 def generators(seeds) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def sample(pipe, prompts: list[str], size: int = 64) -> list[np.ndarray]:
+    """One image per prompt (seeds 0, 1, 2...), at the recommended settings, as uint8 arrays."""
+    out = pipe(
+        prompts,
+        generator=generators(range(len(prompts))),
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        output_type="np",
+        width=size,
+        height=size,
+    )
+    assert out.nsfw_content_detected == [False] * len(prompts)  # the tiny checker runs and never flags
+    return to_uint8(out.images)
 
 
 # ---------------------------------------------------------------------------
@@ -208,16 +236,9 @@ def test_loads_in_fp32_and_tokenizes_words(pipe):
 @pytest.mark.parametrize("fg,shape,bg", PROMPTS, ids=[f"{f}-{s}-{b}" for f, s, b in PROMPTS])
 def test_prompt_adherence(pipe, fg, shape, bg):
     prompt = f"a {fg} {shape} on a {bg} background"
-    out = pipe(
-        [prompt] * N_SEEDS,
-        generator=generators(range(N_SEEDS)),
-        num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
-        output_type="np",
-    )
-    assert out.nsfw_content_detected == [False] * N_SEEDS  # the tiny checker runs and never flags
-    res = [analyse(im) for im in to_uint8(out.images)]
-    assert res[0] and out.images[0].shape == (64, 64, 3)
+    images = sample(pipe, [prompt] * N_SEEDS)
+    res = [analyse(im) for im in images]
+    assert res[0] and images[0].shape == (64, 64, 3)
     bg_ok = sum(r["bg"] == bg for r in res) / N_SEEDS
     fg_ok = sum(r["fg"] == fg for r in res) / N_SEEDS
     shape_ok = sum(r["shape"] == shape for r in res) / N_SEEDS
@@ -227,18 +248,56 @@ def test_prompt_adherence(pipe, fg, shape, bg):
     assert shape_ok >= 0.8, res
 
 
+# The short forms people type first. None: the prompt names no such colour, and any is right (it is
+# random: it must vary across seeds).
+SHORT_PROMPTS = [
+    ("a red circle", "red", "circle", None),
+    ("red circle", "red", "circle", None),
+    ("a circle on a blue background", None, "circle", "blue"),
+    ("a yellow square", "yellow", "square", None),
+    ("white triangle", "white", "triangle", None),
+    ("a triangle on a black background", None, "triangle", "black"),
+]
+
+
+@pytest.mark.parametrize("prompt,fg,shape,bg", SHORT_PROMPTS, ids=[p[0] for p in SHORT_PROMPTS])
+def test_short_prompt_forms(pipe, prompt, fg, shape, bg):
+    res = [analyse(im) for im in sample(pipe, [prompt] * N_SEEDS)]
+    named = [(key, colour) for key, colour in (("fg", fg), ("bg", bg)) if colour is not None]
+    for key, colour in named:
+        right = sum(r[key] == colour for r in res) / N_SEEDS
+        print(f"{prompt}: {key} {colour} {right:.0%}")
+        assert right >= 0.9, res
+    shape_ok = sum(r["shape"] == shape for r in res) / N_SEEDS
+    print(f"{prompt}: shape {shape_ok:.0%}")
+    assert shape_ok >= 0.8, res
+    unnamed = "bg" if bg is None else "fg"
+    colours = {r[unnamed] for r in res}
+    print(f"{prompt}: {unnamed} colours {sorted(colours)}")
+    assert len(colours) >= 3, f"the colour the prompt leaves out should be random, got {colours}"
+
+
+def test_one_clean_shape_at_128_px(pipe):
+    """Trained at 64 and 128 px: at 128 it draws one shape (twice the size), not tiles of small ones."""
+    seeds = 5
+    combos = PROMPTS
+    prompts = [f"a {f} {s} on a {b} background" for f, s, b in combos for _ in range(seeds)]
+    images = sample(pipe, prompts, size=128)
+    assert images[0].shape == (128, 128, 3)
+    want = [c for c in combos for _ in range(seeds)]
+    res = [analyse(im) for im in images]
+    n = len(res)
+    one = sum(components(im) == 1 for im in images) / n
+    right = sum(r == {"fg": w[0], "shape": w[1], "bg": w[2]} for r, w in zip(res, want, strict=True)) / n
+    print(f"128 px: one shape {one:.0%}, colours and shape right {right:.0%}")
+    assert one >= 0.9 and right >= 0.8, res
+
+
 def test_adherence_over_all_combinations(pipe):
     """All 90 (fg, shape, bg) combinations, 2 seeds each, in one batch."""
     combos = [(f, s, b) for f in COLOURS for s in SHAPES for b in COLOURS if f != b]
     prompts = [f"a {f} {s} on a {b} background" for f, s, b in combos for _ in range(2)]
-    out = pipe(
-        prompts,
-        generator=generators(range(len(prompts))),
-        num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
-        output_type="np",
-    )
-    res = [analyse(im) for im in to_uint8(out.images)]
+    res = [analyse(im) for im in sample(pipe, prompts)]
     want = [c for c in combos for _ in range(2)]
     n = len(res)
     bg_ok = sum(r["bg"] == w[2] for r, w in zip(res, want, strict=True)) / n

@@ -39,6 +39,7 @@ def test_no_model_configured_and_no_hub_serves_the_demo(tmp_path: Path) -> None:
     loaded = load_offline(tmp_path)
     assert "BASE=demo" in loaded.stdout, loaded.stderr
     assert "serving the bundled demo model" in loaded.stderr and DEFAULT_MODEL in loaded.stderr
+    assert "gone from models_dir" not in loaded.stderr  # no models_dir here: nothing to say about one
 
 
 def test_demo_by_name() -> None:
@@ -51,6 +52,10 @@ def test_an_explicit_hub_model_that_is_not_cached_fails_clearly(tmp_path: Path) 
     loaded = load_offline(tmp_path, model="someone/not-downloaded")
     assert loaded.returncode != 0 and "BASE=" not in loaded.stdout
     assert "ModelLoadError" in loaded.stderr and "hf download someone/not-downloaded" in loaded.stderr
+    message = loaded.stderr.strip().splitlines()[-1]  # the exception's own line, after the traceback
+    assert message.startswith("sdserver.core.errors.ModelLoadError: ")
+    assert "'someone/not-downloaded' is not in the Hugging Face cache and the hub cannot be reached" in message
+    assert "stacktrace" not in message and "local_files_only" not in message  # not diffusers' internals
 
 
 def test_a_folder_without_model_index_is_refused(tmp_path: Path) -> None:

@@ -40,6 +40,8 @@ TINY = [
     "16,16,32,32",
     "--cache-size",
     "256",
+    "--hi-cache-size",
+    "32",
     "--unet-steps",
     "40",
     "--unet-batch",
@@ -89,6 +91,22 @@ def test_dataset_and_tokenizer(td, tmp_path):
     ]
 
 
+def test_captions_come_in_the_full_and_the_short_forms(td):
+    red, circle, blue = td.COLOURS.index("red"), td.SHAPES.index("circle"), td.COLOURS.index("blue")
+    captions = {td.varied_caption(red, circle, blue, u / 1000) for u in range(1000)}
+    assert captions == {
+        "a red circle on a blue background",
+        "a red circle",
+        "red circle",
+        "a circle on a blue background",
+        "red circle on a blue background",
+        "circle on a blue background",
+        "a circle",
+    }
+    forms = [td.varied_caption(red, circle, blue, u / 1000) for u in range(1000)]
+    assert forms.count("a red circle on a blue background") == 450  # the full form stays the most common
+
+
 def test_losses_go_down(tiny_run):
     _, s = tiny_run
     vae, unet = s["vae_losses"], s["unet_losses"]
@@ -105,6 +123,7 @@ def test_output_folder_loads_and_generates(tiny_run):
     index = json.loads((out / "model_index.json").read_text())
     assert index["requires_safety_checker"] is True
     assert (out / "tokenizer" / "merges.txt").is_file()
+    assert json.loads((out / "sdserver.json").read_text()) == {"default_steps": 20}  # sdserver's defaults for it
     vae_cfg = json.loads((out / "vae" / "config.json").read_text())
     assert vae_cfg["scaling_factor"] == pytest.approx(s["scaling_factor"])
     pipe = StableDiffusionPipeline.from_pretrained(str(out))

@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -19,12 +19,15 @@ from sdserver.api.jobs import router as jobs_router
 from sdserver.api.middleware import BodySizeLimit, PagePolicy, RequestLog
 from sdserver.api.original import router as original_router
 from sdserver.api.security import ApiKeyAuth, HostCheck, is_loopback
-from sdserver.engine import Engine
+from sdserver.core.errors import ConfigError, ModelLoadError
 from sdserver.service.history import History
 from sdserver.service.jobs import JobStore
 from sdserver.service.metrics import Metrics
 from sdserver.service.scheduler import Scheduler
 from sdserver.settings import Settings
+
+if TYPE_CHECKING:
+    from sdserver.engine import Engine
 
 log = logging.getLogger(__name__)
 # Swagger UI and ReDoc run inline scripts and styles; everything else they need comes from this server.
@@ -41,17 +44,26 @@ def create_app(
     *,
     loaded: bool = False,
     on_fatal: Callable[[], None] | None = None,
+    wait_for_models: bool = True,
+    on_load_error: Callable[[], None] | None = None,
 ) -> FastAPI:
     """Build the app. The engine's models load during start-up unless `loaded` says they already are.
 
-    `on_fatal` is called if the worker thread dies (the CLI then exits non-zero for a supervisor).
+    With `wait_for_models` (tests, embedding) start-up returns once they are loaded; without it (the
+    CLI) they load in a thread while the server already answers: /health 200, /ready and every route
+    that needs a model 503 "loading". A failed load is logged as one "cannot start" line and
+    `on_load_error` is called. `on_fatal` is called if the worker thread dies.
     """
     metrics = Metrics()
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    def start_up() -> None:
+        """Build the engine (importing torch), load its models, start the worker."""
+        if app.state.engine is None:
+            from sdserver.engine import Engine
+
+            app.state.engine = Engine.from_settings(settings)
         if not loaded:
-            await run_in_threadpool(app.state.engine.load)
+            app.state.engine.load()
         scheduler = Scheduler(
             app.state.engine,
             max_queue=settings.max_queue,
@@ -79,15 +91,34 @@ def create_app(
             "sdserver_device_memory_bytes", "Accelerator memory", lambda: engine_stats("device_memory_bytes")
         )
         scheduler.start()
-        app.state.scheduler = scheduler
+        app.state.scheduler = scheduler  # from now on the routes that need a model answer
         log.info("ready: serving %s", ", ".join(app.state.engine.registry.names()))
+
+    def start_up_in_background() -> None:
+        try:
+            start_up()
+        except (ConfigError, ModelLoadError) as exc:
+            log.error("cannot start: %s", exc.message)
+        except Exception:
+            log.exception("cannot start: loading the models failed")
+        else:
+            return
+        if on_load_error is not None:
+            on_load_error()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _log_history(app.state.history)
+        if wait_for_models:
+            await run_in_threadpool(start_up)
+        else:
+            threading.Thread(target=start_up_in_background, name="sdserver-loader", daemon=True).start()
         try:
             yield
         finally:
-            if not await run_in_threadpool(scheduler.drain, settings.drain_timeout):
-                log.warning("drain timeout (%gs) reached: failing what is left", settings.drain_timeout)
-            await run_in_threadpool(scheduler.stop)
+            scheduler: Scheduler | None = getattr(app.state, "scheduler", None)
+            if scheduler is not None:
+                await run_in_threadpool(_finish, scheduler, settings.drain_timeout)
             await run_in_threadpool(app.state.history.close)  # finish the writes under way
 
     def engine_stats(key: str) -> dict[str, float]:
@@ -105,7 +136,8 @@ def create_app(
     _document_auth(app, settings)
     app.state.settings = settings
     app.state.history = History.from_settings(settings)
-    app.state.engine = engine or Engine.from_settings(settings)
+    app.state.engine = engine
+    app.state.scheduler = None
     app.state.metrics = metrics
     errors.install(app)
     for router in (
@@ -134,6 +166,15 @@ def create_app(
         app.add_middleware(HostCheck, allowed=HostCheck.names_for(settings))
     app.add_middleware(RequestLog, metrics=metrics)
     return app
+
+
+def _finish(scheduler: Scheduler, drain_timeout: float) -> None:
+    """At shutdown: finish the queued and running work (a drain usually did already), then stop."""
+    if scheduler.stopping:
+        return  # stopped at once (a second Ctrl-C): no waiting for the worker's current step
+    if not scheduler.drain(drain_timeout):
+        log.warning("drain timeout (%gs) reached: failing what is left", drain_timeout)
+    scheduler.stop()
 
 
 def _log_history(kept: History) -> None:
@@ -165,14 +206,3 @@ def _document_auth(app: FastAPI, settings: Settings) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-def begin_shutdown(app: FastAPI) -> None:
-    """On SIGTERM/SIGINT: refuse new work now (503), and past --drain-timeout fail what is left."""
-    scheduler: Scheduler | None = getattr(app.state, "scheduler", None)
-    if scheduler is None:
-        return
-    scheduler.stop_accepting()
-    timer = threading.Timer(app.state.settings.drain_timeout, scheduler.stop)
-    timer.daemon = True
-    timer.start()

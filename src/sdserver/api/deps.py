@@ -1,16 +1,22 @@
-"""FastAPI dependencies: the app's shared objects, typed."""
+"""FastAPI dependencies: the app's shared objects, typed.
+
+The engine and the scheduler exist once the models have loaded (the socket opens before that): until
+then a route that needs them answers 503 "loading".
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 
 from sdserver.api.security import principal_of
-from sdserver.engine import Engine
+from sdserver.core.errors import Unavailable
 from sdserver.service.history import History
 from sdserver.service.scheduler import Scheduler
 from sdserver.settings import Settings
+
+LOADING = "the server is loading its models; try again shortly"
 
 
 def _settings(request: Request) -> Settings:
@@ -19,13 +25,16 @@ def _settings(request: Request) -> Settings:
 
 
 def _scheduler(request: Request) -> Scheduler:
-    scheduler: Scheduler = request.app.state.scheduler
+    scheduler: Scheduler | None = getattr(request.app.state, "scheduler", None)
+    if scheduler is None:
+        raise Unavailable(LOADING)
     return scheduler
 
 
-def _engine(request: Request) -> Engine:
-    engine: Engine = request.app.state.engine
-    return engine
+def _engine(request: Request) -> Any:
+    if getattr(request.app.state, "scheduler", None) is None:  # set once the engine has loaded
+        raise Unavailable(LOADING)
+    return request.app.state.engine
 
 
 def _history(request: Request) -> History:
@@ -42,6 +51,11 @@ def _owner(request: Request) -> str | None:
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 SchedulerDep = Annotated[Scheduler, Depends(_scheduler)]
-EngineDep = Annotated[Engine, Depends(_engine)]
 HistoryDep = Annotated[History, Depends(_history)]
 OwnerDep = Annotated[str | None, Depends(_owner)]
+if TYPE_CHECKING:
+    from sdserver.engine import Engine
+
+    EngineDep = Annotated[Engine, Depends(_engine)]
+else:  # only the engine imports torch, and only when the models load
+    EngineDep = Annotated[Any, Depends(_engine)]

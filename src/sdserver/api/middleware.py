@@ -61,7 +61,7 @@ class RequestLog:
             status = fields.setdefault("status", 500)
             fields["duration_s"] = round(time.perf_counter() - started, 4)
             self.metrics.requests.labels(route=route, method=scope["method"], status=str(status)).inc()
-            log.info(json.dumps(fields, default=str))
+            log.info(json.dumps(fields, default=str), extra={"fields": fields})  # JSON logs merge them
 
 
 class BodySizeLimit:

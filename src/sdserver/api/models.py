@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel
@@ -11,7 +11,9 @@ from starlette.concurrency import run_in_threadpool
 from sdserver.api.deps import EngineDep
 from sdserver.api.fields import GuardedRoute
 from sdserver.api.security import PrincipalDep
-from sdserver.engine import Engine
+
+if TYPE_CHECKING:
+    from sdserver.engine import Engine
 
 router = APIRouter(tags=["models"], route_class=GuardedRoute)
 _ADMIN: dict[int | str, dict[str, Any]] = {403: {"description": "not the admin key (on a server with keys)"}}

@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from sdserver.api.deps import EngineDep
 from sdserver.api.fields import GuardedRoute
 
 router = APIRouter(tags=["operations"], route_class=GuardedRoute)
@@ -18,16 +17,17 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready", responses={503: {"description": "loading, draining, or the worker died"}})
-async def ready(request: Request, engine: EngineDep) -> Response:
+async def ready(request: Request) -> Response:
     """Models loaded and the worker alive and accepting work; 503 otherwise."""
-    scheduler = getattr(request.app.state, "scheduler", None)
+    scheduler = request.app.state.scheduler
     if scheduler is None:
         return JSONResponse({"status": "loading"}, status_code=503)
     if not scheduler.alive:
         return JSONResponse({"status": "worker stopped"}, status_code=503)
     if not scheduler.accepting:
         return JSONResponse({"status": "draining"}, status_code=503)
-    return JSONResponse({"status": "ready", "models": engine.registry.names(), "queue_depth": scheduler.queue_depth})
+    names = request.app.state.engine.registry.names()
+    return JSONResponse({"status": "ready", "models": names, "queue_depth": scheduler.queue_depth})
 
 
 @router.get("/metrics", response_class=Response)

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import diffusers
 import torch
 from diffusers import DiffusionPipeline
 
@@ -26,7 +27,7 @@ from sdserver.engine.families import Family
 from sdserver.engine.families.base import Description, FileOptions
 from sdserver.engine.flowfiles import read_flow_shapes
 from sdserver.engine.safety import SafetyChecker
-from sdserver.settings import DEMO_MODEL, is_hub_id, is_single_file
+from sdserver.settings import DEMO_MODEL, is_hub_id, is_single_file, looks_like_path
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,13 @@ class _EmptyFp32Warning(logging.Filter):
 
 
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32Warning())
+diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components" bars: not in a server's log
 
 Form = Literal["folder", "file", "hub"]
+
+
+DEFAULT_STEPS = 50  # Stable Diffusion's own default (diffusers' pipelines); a model folder may say otherwise
+DEFAULTS_FILE = "sdserver.json"  # in a model folder: {"default_steps": 20}
 
 
 def demo_model_path() -> Path:
@@ -64,7 +70,7 @@ class LoadedPipelines:
     native_size: int
     weights_hash: str  # sha256 of the denoiser's weights: the "model hash" in image metadata
     memory_bytes: int  # parameters and buffers of this model's own components
-    default_steps: int = 50  # what a request that names none gets (the family's, e.g. FLUX schnell: 4)
+    default_steps: int = DEFAULT_STEPS  # what a request that names none gets (the family's, e.g. FLUX schnell: 4)
     default_guidance: float = 7.5
 
     @property
@@ -96,6 +102,8 @@ def resolve_source(source: str) -> tuple[str, Form]:
         return str(local), "file"
     if is_hub_id(source):
         return source, "hub"
+    if looks_like_path(source):
+        raise ModelLoadError(f"model {source!r}: no such file or folder")
     raise ModelLoadError(
         f"model {source!r} is neither a local diffusers folder, a .safetensors/.ckpt file, nor a hub id (owner/name)"
     )
@@ -175,9 +183,19 @@ def load_pipelines(
         native_size=family.native_size(txt2img),
         weights_hash=weights_hash(denoiser),
         memory_bytes=_memory_bytes(txt2img, checker if checker_from is None else None),
-        default_steps=steps,
+        default_steps=_default_steps(Path(location) if form == "folder" else None, steps),
         default_guidance=guidance,
     )
+
+
+def _default_steps(folder: Path | None, family_steps: int) -> int:
+    """The folder's own `default_steps` (sdserver.json), else the family's."""
+    if folder is None or not (folder / DEFAULTS_FILE).is_file():
+        return family_steps
+    steps = _read_json(folder / DEFAULTS_FILE).get("default_steps", family_steps)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ModelLoadError(f"{folder / DEFAULTS_FILE}: default_steps must be a positive integer, got {steps!r}")
+    return steps
 
 
 def _memory_bytes(pipe: Any, checker: SafetyChecker | None) -> int:
@@ -221,11 +239,37 @@ def _read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
 
 
 def _load_failure(source: str, from_hub: bool, exc: Exception) -> str:
-    reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    if from_hub:
+    """One line: what is missing and what to do (diffusers' own messages quote its internals)."""
+    if not from_hub:
+        return f"could not load model {source!r} ({_first_line(exc)})"
+    names = {type(cause).__name__ for cause in _causes(exc)}
+    text = " ".join(str(cause) for cause in _causes(exc))
+    token = "set HF_TOKEN (or hf_token in config.json)"
+    if "GatedRepoError" in names:
+        return f"model {source!r} is gated on the Hugging Face hub: accept its terms on huggingface.co, then {token}"
+    if "RepositoryNotFoundError" in names or "404" in text:
+        return f"no model {source!r} on the Hugging Face hub (check the id; a private one needs a token: {token})"
+    if "not fully cached" in text or "outgoing traffic has been disabled" in text or names & _OFFLINE_ERRORS:
         return (
-            f"could not load {source!r} from the Hugging Face hub ({reason}). Check the id, your network, "
-            "and for gated models set hf_token in config.json or HF_TOKEN; offline, download it first "
-            f"with `hf download {source}`"
+            f"model {source!r} is not in the Hugging Face cache and the hub cannot be reached: "
+            f"download it first with `hf download {source}`"
         )
-    return f"could not load model {source!r} ({reason})"
+    return f"could not load {source!r} from the Hugging Face hub ({_first_line(exc)}); try `hf download {source}`"
+
+
+_OFFLINE_ERRORS = {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ConnectionError"}
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The exception and its causes (diffusers wraps the hub's errors)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _first_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -224,7 +224,8 @@ class Registry:
                 for spec in scan_models_dir(self._models_dir, set(specs)):
                     specs[spec.name] = spec
             for name in set(self._specs) - set(specs):
-                log.info("model %r is gone from models_dir", name)
+                if self._specs[name].origin == "models_dir":  # (not a base model replaced by the demo)
+                    log.info("model %r is gone from models_dir", name)
                 if name in self._loaded and not self._in_use.get(name):
                     self._drop(name)
             self._specs = specs

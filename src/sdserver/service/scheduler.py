@@ -116,15 +116,17 @@ class Scheduler:
         self.stop_accepting()
         deadline = time.monotonic() + timeout
         with self._wakeup:
-            while (self._queue or self._running) and self.alive:
+            while (self._queue or self._running) and self.alive and not self._stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
                 self._wakeup.wait(remaining)
         return True
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Fail whatever is still queued, stop the running batch at its next step, end the worker."""
+    def stop(self, timeout: float = 10.0, *, at_once: bool = False) -> None:
+        """Fail whatever is still queued, stop the running batch at its next step, end the worker.
+
+        `at_once`: the running requests are answered (503) now, not after their next step."""
         with self._wakeup:
             self._accepting = False
             self._stopping = True
@@ -132,11 +134,25 @@ class Scheduler:
             self._queue.clear()
             for job in self._running:
                 job.cancel_requested = True
+            running = list(self._running)
             self._wakeup.notify_all()
         for job in leftovers:
             job.fail(Unavailable("the server is shutting down; the request was not run"))
+        if at_once:
+            for job in running:  # the worker's own outcome for them is then ignored
+                job.fail(Unavailable("the server shut down before this request finished"))
         if self._thread is not None:
             self._thread.join(timeout)
+
+    @property
+    def stopping(self) -> bool:
+        """stop() was called."""
+        return self._stopping
+
+    @property
+    def running_count(self) -> int:
+        """Jobs in the batch the worker is running."""
+        return len(self._running)
 
     @property
     def alive(self) -> bool:

@@ -74,10 +74,11 @@ class TestPingAndCustomModels:
 class TestTxt2Img:
     def test_response_shape(self, client: TestClient) -> None:
         (image,) = ok(post(client, "/txt2img", **TXT2IMG, seed=7))
-        assert set(image) == {"base64", "seed", "mime_type", "mimetype", "nsfw"}
+        # the original's keys, plus ours: the size used (which the request may leave to the model)
+        assert set(image) == {"base64", "seed", "mime_type", "mimetype", "nsfw", "width", "height"}
         assert image["mime_type"] == image["mimetype"] == "image/png"
         assert image["seed"] == 7 and image["nsfw"] is False
-        assert decode_png(image["base64"]).size == (SIZE, SIZE)
+        assert decode_png(image["base64"]).size == (image["width"], image["height"]) == (SIZE, SIZE)
 
     def test_size_is_honoured(self, client: TestClient) -> None:
         (image,) = ok(post(client, "/txt2img", **{**TXT2IMG, "width": 96, "height": 48}))

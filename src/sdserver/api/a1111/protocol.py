@@ -75,10 +75,10 @@ class Txt2ImgBody(BaseModel):
     scheduler: str | None = Field(default=None, description="automatic, uniform or karras")
     batch_size: int = Field(default=1, ge=1, description="Images per batch; batch_size x n_iter images in all")
     n_iter: int = Field(default=1, ge=1, description="Batches (run as one with the others)")
-    steps: int = 50
+    steps: int | None = Field(default=None, description="Default: the model's (50 for SD, 20 for demo)")
     cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    width: int | None = Field(default=None, description="Default: the model's native size (or init image's)")
+    height: int | None = Field(default=None, description="Default: the model's native size (or init image's)")
     eta: float | None = None
     denoising_strength: float | None = None
     override_settings: dict[str, Any] | None = Field(
@@ -268,7 +268,7 @@ def response(
         "height": first.get("height", generation.height),
         "sampler_name": first.get("sampler", generation.sampler),
         "cfg_scale": generation.guidance_scale,
-        "steps": generation.steps,
+        "steps": first.get("steps", generation.steps),
         "batch_size": body.batch_size,
         "restore_faces": False,
         "face_restoration_model": None,
@@ -292,6 +292,7 @@ def response(
         "notes": notes(body, ignored_options),
     }
     echoed = body.model_dump()
+    echoed.update(steps=info["steps"], width=info["width"], height=info["height"])  # what was used
     if isinstance(body, Img2ImgBody) and not body.include_init_images:
         echoed.update(init_images=None, mask=None)
     images = [png_base64(out.image) for out in outs] if body.send_images else []

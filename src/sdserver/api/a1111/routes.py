@@ -8,7 +8,7 @@ requests only; only the admin key may change it. Progress and interrupt see the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -35,12 +35,14 @@ from sdserver.api.middleware import note
 from sdserver.api.security import Principal, PrincipalDep
 from sdserver.core.errors import InvalidRequest, SDServerError
 from sdserver.core.types import Task
-from sdserver.engine import Engine
 from sdserver.imaging import b64decode, png_base64
 from sdserver.metadata import JSON_KEY, parse_infotext, read_info
 from sdserver.service.jobs import Job, JobStatus
 from sdserver.service.scheduler import Scheduler
 from sdserver.settings import is_hub_id
+
+if TYPE_CHECKING:
+    from sdserver.engine import Engine
 
 sdapi = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"], route_class=GuardedRoute)
 router = APIRouter(route_class=GuardedRoute)  # sdapi's routes and /png-info (included at the end of this module)

@@ -75,6 +75,9 @@ class JobOut(BaseModel):
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     model: str | None
     task: str
+    width: int | None = Field(default=None, description="The size used (absent in the request: the model's native)")
+    height: int | None = None
+    steps: int | None = Field(default=None, description="The steps used (absent in the request: the model's default)")
     queue_position: int | None = Field(description="0 is next; null once it left the queue")
     progress: ProgressOut | None = None
     created_at: float
@@ -128,6 +131,9 @@ def job_out(job: Job, queue_position: int | None, *, with_images: bool = True) -
         status=job.status.value,
         model=job.request.model,
         task=job.request.task.value,
+        width=job.request.width,
+        height=job.request.height,
+        steps=job.request.steps,
         queue_position=queue_position,
         progress=progress_out(job),
         created_at=job.created_at,

@@ -36,7 +36,7 @@ class Extensions(BaseModel):
 
     negative_prompt: str | None = Field(default=None, description="What to steer away from")
     seed: int | None = Field(default=None, description="Image i uses seed + i; absent: random")
-    steps: int | None = Field(default=None, description="Denoising steps (default 50)")
+    steps: int | None = Field(default=None, description="Denoising steps (default: the model's, 50 for SD)")
     guidance_scale: float | None = Field(default=None, description="Classifier-free guidance (default 7.5)")
     sampler: str | None = Field(default=None, description="An AUTOMATIC1111 sampler name, e.g. 'DPM++ 2M Karras'")
     clip_skip: int | None = Field(default=None, description="1 = last CLIP layer (no skip), 2 = penultimate...")
@@ -57,7 +57,9 @@ class GenerationsBody(Extensions):
         default=None, description="A model id from GET /v1/models; OpenAI's names mean the default"
     )
     n: int = Field(default=1, description="How many images")
-    size: str | None = Field(default=None, description="WIDTHxHEIGHT (multiples of 8) or 'auto' (the model's own)")
+    size: str | None = Field(
+        default=None, description="WIDTHxHEIGHT (multiples of 8); 'auto' or absent: the model's native size"
+    )
     response_format: ResponseFormat | None = Field(default=None, description="b64_json (default) or url")
     output_format: OutputFormat = Field(default="png", description="png (with the parameters inside), jpeg or webp")
     output_compression: int | None = Field(default=None, ge=0, le=100, description="JPEG/WebP quality 0-100")

@@ -11,15 +11,14 @@ from sdserver.api.adapter import ignored, random_seed
 from sdserver.core.types import SAMPLER_NAMES, GenerationRequest, GenerationResult, Limits, Task, validate_request
 from sdserver.imaging import png_base64
 
-# The original form fields and their defaults (read from the original server.py).
+# The original form fields and their defaults (read from the original server.py), except on purpose:
+# absent width/height mean the model's native size (the original: 512, whatever the model) and absent
+# num_inference_steps the model's default steps (the original: 100; SD's own default is 50).
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "num_outputs": 1,
-    "num_inference_steps": 100,
     "guidance_scale": 7.5,
     "eta": 0.0,
-    "width": 512,
-    "height": 512,
     "strength": 0.7,
 }
 # original field name -> core field name
@@ -69,7 +68,7 @@ def form_schema(task: Task) -> dict[str, Any]:
         "negative_prompt": {"type": "string"},
         "seed": {"type": "integer", "default": 0, "description": "0: random; image i uses seed + i"},
         "num_outputs": {"type": "integer", "default": 1},
-        "num_inference_steps": {"type": "integer", "default": 100},
+        "num_inference_steps": {"type": "integer", "description": "Default: the model's (50 for SD, 20 for demo)"},
         "guidance_scale": {"type": "number", "default": 7.5},
         "eta": {"type": "number", "default": 0.0},
         "loras": {"type": "string", "description": "LoRAs from loras_dir, e.g. 'ink:0.8,film' (for this request)"},
@@ -77,8 +76,9 @@ def form_schema(task: Task) -> dict[str, Any]:
         "clip_skip": {"type": "integer", "description": "1 = the last CLIP layer (no skip), 2 = the penultimate..."},
     }
     if task in SIZED_TASKS:
-        properties["width"] = {"type": "integer", "default": 512, "description": "A multiple of 8"}
-        properties["height"] = {"type": "integer", "default": 512, "description": "A multiple of 8"}
+        native = "A multiple of 8; default: the model's native size (512 for SD 1.x, 64 for demo)"
+        properties["width"] = {"type": "integer", "description": native}
+        properties["height"] = {"type": "integer", "description": native}
     else:
         properties["init_image"] = {"type": "string", "description": "base64 PNG/JPEG/WebP (data URL allowed)"}
         properties["strength"] = {"type": "number", "default": 0.7, "description": "0..1, higher changes more"}
@@ -112,6 +112,8 @@ class ImageOut(BaseModel):
     mime_type: str = "image/png"
     mimetype: str = Field(default="image/png", description="Same as mime_type (the original README's name)")
     nsfw: bool = Field(description="The model's safety checker flagged it (the image is then blacked out)")
+    width: int = Field(description="Ours: the width used (absent in the request: the model's native size)")
+    height: int = Field(description="Ours: the height used")
 
 
 class SuccessResponse(BaseModel):
@@ -134,5 +136,14 @@ class CustomModelOut(BaseModel):
 def to_response(result: GenerationResult | None) -> SuccessResponse:
     assert result is not None  # only A1111 answers a cancelled request
     return SuccessResponse(
-        images=[ImageOut(base64=png_base64(out.image), seed=out.seed, nsfw=out.nsfw) for out in result.images]
+        images=[
+            ImageOut(
+                base64=png_base64(out.image),
+                seed=out.seed,
+                nsfw=out.nsfw,
+                width=out.image.width,
+                height=out.image.height,
+            )
+            for out in result.images
+        ]
     )

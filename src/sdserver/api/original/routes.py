@@ -28,9 +28,9 @@ _FAILURES: dict[int | str, dict[str, object]] = {
 }
 
 
-@router.get("/ping")
-async def ping() -> dict[str, str]:
-    """Answers once the models are loaded."""
+@router.get("/ping", responses={503: {"model": FailureResponse}})
+async def ping(scheduler: SchedulerDep) -> dict[str, str]:
+    """Answers once the models are loaded (503 while they load)."""
     return {"status": "success"}
 
 
