@@ -36,7 +36,7 @@ from sdserver.core.errors import ConfigError
 from sdserver.core.limits import Limits
 from sdserver.settings import load_settings
 from tests.api.test_bad_images import huge_text_chunk, png_claiming
-from tests.conftest import ClientFactory, GatedPipeline, LiveServer, wait_until
+from tests.conftest import ClientFactory, LiveServer, spying, wait_until
 
 # Small limits, so that every size class is cheap to reach and valid requests stay cheap to run.
 LIMITS = Limits(max_images=4, max_steps=4, max_side=128, max_pixels=128 * 64, max_input_pixels=256 * 256)
@@ -406,18 +406,14 @@ def test_5_a_bad_preview_interval_is_refused_and_progress_keeps_working(
     http: httpx.Client, live: LiveServer, value: Any
 ) -> None:
     assert_refused(http.post("/sdapi/v1/options", json={"show_progress_every_n_steps": value}), "show_progress")
-    pipelines = live.app.state.engine.registry.get(None)
-    gated = GatedPipeline(pipelines.txt2img)
-    pipelines.txt2img = gated
-    gated.gate.clear()
-    try:
+    scheduler = live.app.state.scheduler
+    wait_until(lambda: all(job.done for job in scheduler.jobs.all()))  # the previous case's job is not caught
+    with spying(live.app) as gated:
+        gated.gate.clear()
         job = http.post("/v1/jobs", json={"prompt": "x", "width": 64, "height": 64, "steps": 2}).json()
         assert gated.entered.wait(60)
         progress = http.get("/sdapi/v1/progress")
         assert progress.status_code == 200 and progress.json()["state"]["job"] == f"job {job['id']}"
-    finally:
-        gated.gate.set()
-        pipelines.txt2img = gated.real
 
 
 @pytest.mark.parametrize(
@@ -794,11 +790,8 @@ def test_16_the_same_idempotency_key_of_two_tenants_makes_two_jobs(tenants: Test
 def test_16_a1111_progress_and_interrupt_see_only_ones_own_run(tenants: TestClient) -> None:
     scheduler = tenants.app.state.scheduler  # type: ignore[attr-defined]
     wait_until(lambda: all(job.done for job in scheduler.jobs.all()))  # only alice's job will run
-    pipelines = tenants.app.state.engine.registry.get(None)  # type: ignore[attr-defined]
-    gated = GatedPipeline(pipelines.txt2img)
-    pipelines.txt2img = gated
-    gated.gate.clear()
-    try:
+    with spying(tenants.app) as gated:
+        gated.gate.clear()
         job_id = tenants.post(
             "/v1/jobs", json={"prompt": "x", "width": 64, "height": 64, "steps": 2}, headers=auth("alice")
         ).json()["id"]
@@ -807,9 +800,6 @@ def test_16_a1111_progress_and_interrupt_see_only_ones_own_run(tenants: TestClie
         assert tenants.get("/sdapi/v1/progress", headers=auth("alice")).json()["state"]["job"] == f"job {job_id}"
         assert tenants.post("/sdapi/v1/interrupt", headers=auth("bob")).status_code == 200
         assert tenants.app.state.scheduler.get(job_id).cancel_requested is False  # type: ignore[attr-defined]
-    finally:
-        gated.gate.set()
-        pipelines.txt2img = gated.real
 
 
 @pytest.mark.parametrize(

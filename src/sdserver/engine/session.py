@@ -19,7 +19,7 @@ from sdserver import metadata
 from sdserver.core.errors import GenerationError, OutOfMemory, SDServerError
 from sdserver.core.types import GeneratedImage, GenerationRequest, PreparedRequest, Task
 from sdserver.engine.device import free_device_memory, is_out_of_memory
-from sdserver.engine.families import State, denoise
+from sdserver.engine.families import Family, State, denoise
 from sdserver.engine.loaders import LoadedPipelines
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,10 @@ ModelHash = Callable[[str], str | None]
 class Session:
     def __init__(self, model: LoadedPipelines, name: str, model_hash: ModelHash) -> None:
         self.model, self.name, self._model_hash = model, name, model_hash
-        self.family = model.family
+
+    @property
+    def family(self) -> Family:
+        return self.model.family  # looked up per call: a session may outlive a swap (tests' spies)
 
     def admit(self, request: PreparedRequest) -> State:
         """Encode the prompts and start the request's state (its scheduler, timesteps, initial latents)."""

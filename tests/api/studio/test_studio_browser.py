@@ -20,7 +20,7 @@ from playwright.sync_api import Browser, Page, Playwright, Request, Route, expec
 
 from sdserver import metadata
 from sdserver.imaging import encode_png
-from tests.conftest import LiveServer, png_b64, scene, wait_until
+from tests.conftest import GatedFamily, LiveServer, png_b64, scene, spying, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 PROMPT = "a red circle on a blue background"
@@ -93,32 +93,22 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     live.stop()
 
 
-class SlowSteps:
-    """The real pipeline, sleeping after each denoising step so a run lasts long enough to watch."""
+class SlowSteps(GatedFamily):
+    """The real family, sleeping before each denoising step so a run lasts long enough to watch."""
 
     def __init__(self, real: Any, seconds: float) -> None:
-        self.real, self.seconds = real, seconds
+        super().__init__(real)
+        self.seconds = seconds
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
-
-    def __call__(self, **kwargs: Any) -> Any:
-        inner = kwargs["callback_on_step_end"]
-
-        def slow(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> Any:
-            time.sleep(self.seconds)
-            return inner(pipe, step, timestep, tensors)
-
-        return self.real(**{**kwargs, "callback_on_step_end": slow})
+    def forward(self, model: Any, states: Any, inputs: Any, timesteps: Any) -> Any:
+        time.sleep(self.seconds)
+        return super().forward(model, states, inputs, timesteps)
 
 
 @pytest.fixture
 def slow(server: LiveServer) -> Iterator[None]:
-    pipelines = server.app.state.engine.registry.get(None)
-    real = pipelines.txt2img
-    pipelines.txt2img = SlowSteps(real, 0.05)
-    yield
-    pipelines.txt2img = real
+    with spying(server.app, SlowSteps, seconds=0.05):
+        yield
 
 
 def open_studio(page: Page, server: LiveServer) -> None:
