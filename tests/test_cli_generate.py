@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from sdserver.cli import app
 from sdserver.metadata import parse_infotext
-from tests.conftest import SIZE, STEPS, GatedPipeline, LiveServer, wait_until
+from tests.conftest import SIZE, STEPS, LiveServer, spying, wait_until
 
 runner = CliRunner()
 
@@ -68,19 +68,13 @@ def test_the_last_line_is_never_wrapped_whatever_the_terminal_width(tiny_model: 
 
 
 def test_ctrl_c_cancels_the_job_on_the_server_and_exits_130(live: LiveServer, tmp_path: Path) -> None:
-    pipelines = live.app.state.engine.registry.get(None)
-    spy = GatedPipeline(pipelines.txt2img)
-    spy.gate.clear()
-    pipelines.txt2img = spy
     args = [sys.executable, "-m", "sdserver", "generate", "x", "-o", str(tmp_path / "o.png"), "--url", live.url]
-    process = subprocess.Popen([*args, "--steps", str(STEPS)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
+    with spying(live.app) as spy:
+        spy.gate.clear()
+        process = subprocess.Popen([*args, "--steps", str(STEPS)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert spy.entered.wait(120), "the job never started"
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=60)
-    finally:
-        spy.gate.set()
-        pipelines.txt2img = spy.real
     assert process.returncode == 130
     (job,) = live.scheduler.jobs.all()
     assert output.decode().splitlines() == [f"cancelled job {job.id} on {live.url}"]

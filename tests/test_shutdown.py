@@ -16,25 +16,25 @@ import pytest
 from tests.conftest import wait_until
 from tests.test_startup import start, wait_for
 
-# Every batch waits at a gate (a file) before it runs, so the tests decide when work finishes.
+# Every denoising step waits at a gate (a file) before it runs, so the tests decide when work finishes.
 GATED_RUN = """
 import os, time
-import sdserver.engine.engine as engine
-real_run_batch = engine.run_batch
+import sdserver.engine.session as session
+real_denoise = session.denoise
 def gated(*args, **kwargs):
     gate = os.environ["SDSERVER_TEST_RUN_GATE"]
     open(gate + ".entered", "a").close()
     while not os.path.exists(gate):
         time.sleep(0.05)
-    return real_run_batch(*args, **kwargs)
-engine.run_batch = gated
+    return real_denoise(*args, **kwargs)
+session.denoise = gated
 """
 JOB = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
 TXT2IMG = {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 2}
 
 
 class Gated:
-    """A server process whose batches wait for `release()`."""
+    """A server process whose denoising steps wait for `release()`."""
 
     def __init__(self, tiny_model: Path, tmp_path: Path) -> None:
         hook = tmp_path / "hook"

@@ -292,7 +292,9 @@ class Settings(BaseSettings):
     encoders: dict[str, str] = Field(
         default_factory=dict,
         description="For SD3/FLUX single files that lack parts (VAE, text encoders, T5 tokenizer): a diffusers "
-        'folder or hub id per family that lends them, e.g. {"flux": "black-forest-labs/FLUX.1-dev"}',
+        'folder or hub id per family that lends them, e.g. {"flux": "black-forest-labs/FLUX.1-dev"} '
+        "(config.json, or SDSERVER_ENCODERS as JSON)",
+        json_schema_extra={"cli": False},
     )
 
     # Batching (issue 14)

@@ -16,6 +16,7 @@ from fastapi import Request
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from sdserver.api.deps import scheduler_of
 from sdserver.api.middleware import note
 from sdserver.api.security import principal_of
 from sdserver.core.errors import Cancelled, FieldError
@@ -24,7 +25,6 @@ from sdserver.core.limits import Limits
 from sdserver.core.sizing import output_size
 from sdserver.core.types import GenerationRequest, GenerationResult
 from sdserver.service.jobs import Job
-from sdserver.service.scheduler import Scheduler
 
 DISCONNECT_POLL_S = 0.25
 R = TypeVar("R")
@@ -58,7 +58,7 @@ async def serve(
 async def submit(request: Request, generation: GenerationRequest, **options: Any) -> Job:
     """Queue `generation` for the calling key (it owns the job). Off the event loop: submitting
     prepares the request (checks it against its model, resizes its images)."""
-    scheduler: Scheduler = request.app.state.scheduler
+    scheduler = scheduler_of(request)
     owner = principal_of(request.scope).name
     job = await run_in_threadpool(lambda: scheduler.submit(generation, owner=owner, **options))
     r = job.request
@@ -71,7 +71,7 @@ async def submit(request: Request, generation: GenerationRequest, **options: Any
 async def wait(request: Request, job: Job) -> GenerationResult:
     """Wait for `job` on behalf of a synchronous HTTP client; if the client hangs up meanwhile, cancel
     the job (out of the queue, or stopped at its next denoising step)."""
-    scheduler: Scheduler = request.app.state.scheduler
+    scheduler = scheduler_of(request)
     waiter = asyncio.ensure_future(job.wait_async())
     try:
         while True:

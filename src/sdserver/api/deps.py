@@ -24,7 +24,8 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
-def _scheduler(request: Request) -> Scheduler:
+def scheduler_of(request: Request) -> Scheduler:
+    """The scheduler, or 503 "loading" until the models have loaded."""
     scheduler: Scheduler | None = getattr(request.app.state, "scheduler", None)
     if scheduler is None:
         raise Unavailable(LOADING)
@@ -50,7 +51,7 @@ def _owner(request: Request) -> str | None:
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
-SchedulerDep = Annotated[Scheduler, Depends(_scheduler)]
+SchedulerDep = Annotated[Scheduler, Depends(scheduler_of)]
 HistoryDep = Annotated[History, Depends(_history)]
 OwnerDep = Annotated[str | None, Depends(_owner)]
 if TYPE_CHECKING:

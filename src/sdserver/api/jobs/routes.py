@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from sdserver.api import adapter
-from sdserver.api.deps import HistoryDep, SchedulerDep, SettingsDep
+from sdserver.api.deps import HistoryDep, SchedulerDep, SettingsDep, scheduler_of
 from sdserver.api.fields import GuardedRoute, read_json
 from sdserver.api.jobs.protocol import (
     JobCreated,
@@ -70,7 +70,7 @@ async def submit_job(
     )
     if sender is not None and options.webhook_url is not None:
         _send_when_done(job, sender, str(options.webhook_url))
-    scheduler: Scheduler = request.app.state.scheduler
+    scheduler = scheduler_of(request)
     return JobCreated(id=job.id, status=job.status.value, queue_position=scheduler.queue_position(job))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 
 from sdserver.api import adapter
-from sdserver.api.deps import SettingsDep
+from sdserver.api.deps import SchedulerDep, SettingsDep
 from sdserver.api.fields import GuardedRoute, read_fields
 from sdserver.api.original.protocol import (
     CustomModelOut,
