@@ -44,6 +44,7 @@ class FakeEngine:
         self.steps = steps
         self.fail_on: str | None = None
         self.oom = False
+        self.max_rows: int | None = None
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
         return request.model_copy(update={"model": request.model or "base", "width": 8, "height": 8})
@@ -70,6 +71,11 @@ class FakeEngine:
 
     def admit(self, request: GenerationRequest) -> FakeState:
         return FakeState(request, total=min(request.steps or self.steps, self.steps))
+
+    def fits(self, states: Sequence[FakeState], requests: Sequence[GenerationRequest]) -> bool:
+        """A memory budget of `max_rows` images per step (None: no budget)."""
+        rows = sum(state.request.num_images for state in states if not state.done)
+        return self.max_rows is None or rows + sum(r.num_images for r in requests) <= self.max_rows
 
     def step(self, states: Sequence[FakeState]) -> None:
         self.calls.append([state.request.prompt for state in states])

@@ -12,10 +12,10 @@ import hashlib
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import diffusers
 import torch
@@ -31,6 +31,10 @@ from sdserver.engine.families import Family
 from sdserver.engine.families.base import Description
 from sdserver.engine.safety import SafetyChecker
 from sdserver.settings import DEMO_MODEL, is_hub_id, is_single_file
+
+if TYPE_CHECKING:
+    from sdserver.engine.memory import Decoder, MemoryModel, RowSplitter
+    from sdserver.engine.speed import Tuning
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,12 @@ class LoadedPipelines:
     memory_bytes: int  # parameters and buffers of this model's own components
     default_steps: int = 50  # what a request that names none gets (the family's, e.g. FLUX schnell: 4)
     default_guidance: float = 7.5
+    # Speed and memory (engine/speed.py, engine/memory.py)
+    owns_checker: bool = True  # False: the checker is borrowed from the base model (and placed by it)
+    offload: str = "none"  # none, model or sequential
+    memory: MemoryModel | None = field(default=None, repr=False)  # None: no budget to keep (CPU, no limit)
+    splitter: RowSplitter | None = field(default=None, repr=False)
+    decoder: Decoder | None = field(default=None, repr=False)
 
     @property
     def inpainting_unet(self) -> bool:
@@ -78,7 +88,8 @@ class LoadedPipelines:
 
     @property
     def device(self) -> torch.device:
-        device: torch.device = self.txt2img.device
+        """Where the model computes (with offloading, its weights rest on the CPU meanwhile)."""
+        device: torch.device = self.txt2img._execution_device
         return device
 
 
@@ -130,8 +141,12 @@ def load_pipelines(
     token: str | None = None,
     checker_from: LoadedPipelines | None = None,
     prediction_type: Prediction | None = None,
+    tuning: Tuning | None = None,
 ) -> LoadedPipelines:
-    """Load `source` onto `device`; borrow `checker_from`'s safety checker if it has none of its own."""
+    """Load `source` onto `device`; borrow `checker_from`'s safety checker if it has none of its own.
+    `tuning`: the speed switches and memory modes applied as it loads (engine/speed.py)."""
+    from sdserver.engine import speed
+
     location, form = resolve_source(source)
     try:
         if form == "file":
@@ -151,12 +166,15 @@ def load_pipelines(
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     checker = SafetyChecker.of(pipe) or (checker_from.checker if checker_from is not None else None)
+    tuning = tuning or speed.Tuning()
+    offload = speed.prepare(pipe, family, device, tuning, source)
+    placement = device if offload == "none" else torch.device("cpu")  # offloading: the hooks move weights
     if checker is not None and checker_from is None:
-        checker.model.to(device)
-    txt2img, img2img, inpaint = family.pipelines(pipe, device)
+        checker.model.to(placement)
+    txt2img, img2img, inpaint = family.pipelines(pipe, placement)
     denoiser = family.denoiser(txt2img)
     steps, guidance = family.defaults(txt2img)
-    return LoadedPipelines(
+    loaded = LoadedPipelines(
         txt2img=txt2img,
         img2img=img2img,
         inpaint=inpaint,
@@ -168,7 +186,10 @@ def load_pipelines(
         memory_bytes=_memory_bytes(txt2img, checker if checker_from is None else None),
         default_steps=steps,
         default_guidance=guidance,
+        owns_checker=checker_from is None,
     )
+    speed.finish(loaded, device, tuning, offload, source)
+    return loaded
 
 
 def _from_single_file(path: Path, dtype: torch.dtype, prediction_type: Prediction | None) -> Any:
