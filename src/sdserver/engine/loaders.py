@@ -167,12 +167,12 @@ def load_pipelines(
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     checker = SafetyChecker.of(pipe) or (checker_from.checker if checker_from is not None else None)
     tuning = tuning or speed.Tuning()
+    digest = weights_hash(family.denoiser(pipe))  # of the weights as loaded (before any quantisation)
     offload = speed.prepare(pipe, family, device, tuning, source)
     placement = device if offload == "none" else torch.device("cpu")  # offloading: the hooks move weights
     if checker is not None and checker_from is None:
         checker.model.to(placement)
     txt2img, img2img, inpaint = family.pipelines(pipe, placement)
-    denoiser = family.denoiser(txt2img)
     steps, guidance = family.defaults(txt2img)
     loaded = LoadedPipelines(
         txt2img=txt2img,
@@ -182,7 +182,7 @@ def load_pipelines(
         checker=checker,
         description=Description(family.kind_of(txt2img), family.is_inpainting(txt2img)),
         native_size=family.native_size(txt2img),
-        weights_hash=weights_hash(denoiser),
+        weights_hash=digest,
         memory_bytes=_memory_bytes(txt2img, checker if checker_from is None else None),
         default_steps=steps,
         default_guidance=guidance,

@@ -265,9 +265,11 @@ def calibrate(model: LoadedPipelines, memory: MemoryModel, name: str) -> None:
         for side, images in ((small, 1), (small, 2), (big, 1)):
             before_encode(model)
             state = family.start(model, (request := probe(model, side, images)), family.encode(model, request))
-            denoise(family, model, [state])  # unmeasured: weights moved in, caches allocated
+            if memory.device.type != "cpu":  # unmeasured first: weights moved in, caches allocated
+                denoise(family, model, [state])
             steps.append(peak_bytes(memory.device, partial(denoise, family, model, [state])))
-            family.decode(model, [state])
+            if memory.device.type != "cpu":
+                family.decode(model, [state])
             decodes.append(peak_bytes(memory.device, partial(family.decode, model, [state])))
             rows.append(state.denoiser_rows)
             if side == small and images == 1:
