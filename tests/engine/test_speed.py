@@ -125,7 +125,10 @@ def test_int8_weights_draw_nearly_the_same_images_in_less_memory(tiny_model: Pat
     assert "Int8" in type(linear.weight).__name__
     images = draw(model)
     assert max_diff(plain, images) <= 16  # 8-bit weights: small, visible-only-on-close-look changes
-    assert float(np.mean([np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() for a, b in zip(plain, images)])) < 2
+    mean = np.mean(
+        [np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() for a, b in zip(plain, images, strict=True)]
+    )
+    assert float(mean) < 2
 
 
 def test_compiled_sizes_are_warmed_up_at_load_and_other_sizes_never_recompile(

@@ -314,7 +314,7 @@ class Scheduler:
             blocked = next((job for job in self._queue if group_key(job.request) != key), None)
             if blocked is not None and self._ticks - blocked.arrival_tick >= self.switch_after_steps:
                 return []
-            taken = []
+            taken: list[Job] = []
             for job in list(self._queue):
                 if (
                     group_key(job.request) == key
