@@ -202,6 +202,18 @@ class TestStepBatching:
         assert all(len([p for p in call if p.startswith("p")]) <= 1 for call in engine.calls)
         assert ["blocker", "p0"] in engine.calls
 
+    def test_the_running_set_grows_only_while_the_engine_says_it_fits(
+        self, engine: FakeEngine, step_scheduler: Scheduler
+    ) -> None:
+        engine.max_rows = 2  # a memory budget of two images per step (max_batch_size allows 4)
+        hold(engine, step_scheduler)
+        jobs = [step_scheduler.submit(request(f"p{i}")) for i in range(3)]
+        engine.gate.set()
+        for job in jobs:
+            job.wait(5)
+        assert all(len(call) <= 2 for call in engine.calls)
+        assert ["blocker", "p0"] in engine.calls and ["p1", "p2"] in engine.calls
+
     def test_another_model_waits_a_bounded_number_of_steps(self, engine: FakeEngine, step_scheduler: Scheduler) -> None:
         engine.steps = 5
         hold(engine, step_scheduler)
