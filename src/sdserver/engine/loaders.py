@@ -142,10 +142,13 @@ def load_pipelines(
     checker_from: LoadedPipelines | None = None,
     prediction_type: Prediction | None = None,
     tuning: Tuning | None = None,
+    pipe: Any = None,
 ) -> LoadedPipelines:
     """Load `source` onto `device`; borrow `checker_from`'s safety checker if it has none of its own.
-    `tuning`: the speed switches and memory modes applied as it loads (engine/speed.py)."""
-    from sdserver.engine import speed
+    `tuning`: the speed switches and memory modes applied as it loads (engine/speed.py). `pipe`: a pipeline
+    already built in memory (bench/gpu.py's random-weight models), used instead of reading `source`."""
+    if pipe is not None:
+        return _assemble(pipe, source, device, checker_from, prediction_type, tuning)
 
     location, form = resolve_source(source)
     try:
@@ -157,6 +160,19 @@ def load_pipelines(
         raise
     except Exception as exc:  # diffusers raises many kinds (OSError, ValueError, hub errors)
         raise ModelLoadError(_load_failure(source, form == "hub", exc)) from exc
+    return _assemble(pipe, source, device, checker_from, prediction_type, tuning)
+
+
+def _assemble(
+    pipe: Any,
+    source: str,
+    device: torch.device,
+    checker_from: LoadedPipelines | None,
+    prediction_type: Prediction | None,
+    tuning: Tuning | None,
+) -> LoadedPipelines:
+    from sdserver.engine import speed
+
     family = families.for_pipeline(pipe)
     if family is None:
         raise UnsupportedModel(
