@@ -16,12 +16,17 @@ a sanity step (one 64x64, 2-step image from each model, untimed):
    with max_loaded=2 (base + one), so each switch unloads one model and loads another; then the same with a
    max_memory_bytes budget (room for one model) instead of the count (--budget-switches).
 
+4. SD 3 and FLUX.1 (tiny models from engine/tiny_flow.py): the cold load of each form users download (a
+   folder, an all-in-one .safetensors, a transformer-only .safetensors or Q8_0 .gguf with `encoders`), and
+   switches between an SD 3 folder and a FLUX GGUF file (`--families` runs only this part).
+
 RSS is read as is and after gc.collect() + malloc_trim(0) ("trimmed": glibc keeps freed heap; the server never
 trims), split into anonymous and file-backed pages (.safetensors weights stay mapped from their files). A leak
 shows as trimmed RSS growing from switch 10 to the last switch that loaded the same model; "kept after unload"
 near the model's size means its memory was not returned.
 
     python bench/bench_models.py [--width 96] [--repeats 3] [--switches 50] [--budget-switches 20] [--workdir DIR]
+    python bench/bench_models.py --families [--repeats 3]
 
 About 1.5 minutes on an idle 2-core CPU. Other CPU work on the machine slows torch badly (threads wait on each
 other): the load average is printed at the start and the end.
@@ -416,6 +421,79 @@ def command_line(args: argparse.Namespace) -> str:
     )
 
 
+# --- SD 3 and FLUX.1: each form a user downloads --------------------------------------------------------------
+
+FLOW_FORMS = {  # name -> (architecture, form); "+ encoders": the parts the file lacks come from the folder
+    "sd3 folder": ("sd3", "folder"),
+    "sd3 all-in-one": ("sd3", "all-in-one"),
+    "sd3 transformer + encoders": ("sd3", "transformer"),
+    "flux folder": ("flux", "folder"),
+    "flux transformer + encoders": ("flux", "transformer"),
+    "flux gguf Q8_0 + encoders": ("flux", "gguf"),
+}
+
+
+def build_flow_models(workdir: Path) -> dict[str, tuple[str, str | None]]:
+    """Tiny SD3 and FLUX models (engine/tiny_flow.py) in every form: name -> (source, encoders)."""
+    sys.path.insert(0, str(ROOT))  # for tests.support
+    from diffusers import DiffusionPipeline
+
+    from sdserver.engine.tiny import make_tiny_model
+    from tests.support.flow_layout import all_in_one, save_gguf, save_safetensors, transformer_to_original
+
+    sources: dict[str, tuple[str, str | None]] = {}
+    for arch in ("sd3", "flux"):
+        folder = workdir / f"flow-{arch}"
+        if not (folder / "model_index.json").is_file():
+            make_tiny_model(folder, arch=arch, seed=1)
+        pipe = DiffusionPipeline.from_pretrained(folder)
+        original = transformer_to_original(pipe.transformer)
+        files = {
+            "folder": (str(folder), None),
+            "all-in-one": (
+                str(save_safetensors(all_in_one(pipe, t5=False), workdir / f"{arch}-all.safetensors")),
+                None,
+            ),
+            "transformer": (str(save_safetensors(original, workdir / f"{arch}-transformer.safetensors")), str(folder)),
+            "gguf": (str(save_gguf(original, workdir / f"{arch}-Q8_0.gguf", arch=arch)), str(folder)),
+        }
+        for name, (model_arch, form) in FLOW_FORMS.items():
+            if model_arch == arch:
+                sources[name] = files[form]
+    return sources
+
+
+def measure_flow_families(workdir: Path, repeats: int, switches: int) -> None:
+    from sdserver.engine.registry import ModelSpec, Registry
+
+    sources = build_flow_models(workdir)
+    specs = [ModelSpec(name="base", source="demo", label="base", is_base=True, origin="base")]
+    for name, (source, encoders) in sources.items():
+        slug = name.replace(" ", "-").replace("+", "with")
+        specs.append(ModelSpec(slug, source, name, requires_safety_checker=False, encoders=encoders))
+    registry = Registry(specs, device=torch.device("cpu"), dtype=torch.float32, token=None, max_loaded=2)
+    registry.preload()
+    print(f"\n### SD 3 and FLUX.1: cold load per form (tiny models; median of {repeats})\n")
+    print("| form | kind | model MB | cold load s | relative to its folder |")
+    print("|---|---|---:|---:|---:|")
+    folder_times: dict[str, float] = {}
+    for spec in specs[1:]:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            loaded = registry.get(spec.name)
+            times.append(time.perf_counter() - started)
+            kind, megabytes = loaded.description.kind, loaded.memory_bytes / 2**20
+            del loaded
+            registry.unload(spec.name)
+        cold = statistics.median(times)
+        folder_times.setdefault(kind, cold)
+        print(f"| {spec.label} | {kind} | {megabytes:.0f} | {cold:.2f} | {cold / folder_times[kind]:.2f}x |")
+    pair = [specs[1].name, specs[-1].name]  # an SD3 folder and a FLUX GGUF file, in turn
+    run = switch(registry, pair, switches, f"{switches} switches between {pair[0]} and {pair[1]}")
+    print(f"\n{run.label}: median switch (unload + load) {statistics.median(run.times):.2f} s")
+
+
 # --- main -----------------------------------------------------------------------------------------------------
 
 
@@ -429,6 +507,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="where the model is built (kept; reused when there)")
+    parser.add_argument("--families", action="store_true", help="only SD 3 / FLUX.1 load and switch times")
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.width % 32 or args.switches < 10 or 0 < args.budget_switches < 10:
@@ -456,6 +535,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.build_only:
         build_models(args.workdir, args.width, args.seed)
+    elif args.families:
+        with tempfile.TemporaryDirectory(prefix="sdserver-bench-flow-") as workdir:
+            measure_flow_families(args.workdir or Path(workdir), args.repeats, max(10, args.switches // 5))
     elif args.workdir:
         run(args, args.workdir)
     else:
@@ -495,6 +577,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     for switch_run in runs:
         print_switches(switch_run, model_mb)
     print(f"\nregistry totals: load_count {registry.load_count}, unload_count {registry.unload_count}")
+    measure_flow_families(workdir, args.repeats, max(10, args.switches // 5))
     load = os.getloadavg()[0]
     print(
         f"total time {time.perf_counter() - started:.0f} s (model build included); load average {load:.2f} at the end"

@@ -476,7 +476,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny models: the code paths, in minutes on a CPU")
     parser.add_argument("--out", type=Path, default=Path("bench-gpu.json"))
-    parser.add_argument("--budget-s", type=float, default=None, help="start nothing new past this many seconds (default: 450; --quick: no limit)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start nothing new past this many seconds (default: 450; --quick: no limit)",
+    )
     parser.add_argument("--cap-gb", type=float, default=8.0, help="the simulated card for the offload section")
     parser.add_argument("--no-flux", action="store_true")
     args = parser.parse_args()

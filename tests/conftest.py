@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
+import json
 import socket
 import threading
 import time
@@ -24,6 +26,7 @@ from sdserver.api.app import create_app
 from sdserver.engine.tiny import make_tiny_model
 from sdserver.service.scheduler import Scheduler
 from sdserver.settings import Settings
+from tests.support.flow_layout import all_in_one, save_gguf, save_safetensors, transformer_to_original
 from tests.support.original_layout import save_single_file
 
 SIZE = 64  # 8x8 latents with the tiny model's 8x VAE
@@ -96,9 +99,55 @@ def arch_model(models_root: Path) -> ArchModels:
     return build
 
 
+@dataclass(frozen=True)
+class FlowModel:
+    """One tiny SD3 / FLUX model, as a diffusers folder and as the single files people download:
+    the all-in-one checkpoint (ComfyUI layout), the transformer alone in its original layout, and
+    the transformer alone quantised to Q8_0 GGUF."""
+
+    arch: str
+    folder: Path
+    all_in_one: Path
+    transformer: Path
+    gguf: Path
+
+    @functools.cached_property
+    def pipeline(self) -> Any:
+        """The folder loaded once per session with diffusers' own from_pretrained (do not modify it)."""
+        # diffusers lists SD3's T5 as required: a folder without it loads with explicit Nones.
+        index = json.loads((self.folder / "model_index.json").read_text())
+        no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if index.get("text_encoder_3") == [None, None] else {}
+        return DiffusionPipeline.from_pretrained(self.folder, **no_t5)
+
+
+FlowModels = Callable[..., FlowModel]
+
+
+@pytest.fixture(scope="session")
+def flow_model(models_root: Path) -> FlowModels:
+    """flow_model("sd3"), flow_model("flux-fill"), flow_model("sd3", t5=False): built on first use."""
+    built: dict[tuple[str, bool], FlowModel] = {}
+
+    def build(arch: Any, t5: bool = True) -> FlowModel:
+        if (arch, t5) not in built:
+            name = arch if t5 else f"{arch}-no-t5"
+            folder = make_tiny_model(models_root / "flow" / name, arch=arch, t5=t5, seed=200)
+            files = models_root / "flow-files"
+            paths = (files / f"{name}{end}" for end in (".safetensors", "-transformer.safetensors", "-Q8_0.gguf"))
+            model = FlowModel(arch, folder, *paths)
+            original = transformer_to_original(model.pipeline.transformer)
+            save_safetensors(all_in_one(model.pipeline), model.all_in_one)
+            save_safetensors(original, model.transformer)
+            save_gguf(original, model.gguf, arch="sd3" if arch.startswith("sd3") else "flux")
+            built[arch, t5] = model
+        return built[arch, t5]
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def family_model(
-    models_root: Path, tiny_model: Path, tiny_inpainting_model: Path, arch_model: ArchModels
+    tiny_model: Path, tiny_inpainting_model: Path, arch_model: ArchModels, flow_model: FlowModels
 ) -> Callable[[str], Path]:
     """family_model("flux"): a tiny model folder of each family (sd1, sd1-inpainting, sdxl, sd3, flux,
     flux-schnell, flux-fill), built on first use and shared by the session."""
@@ -109,7 +158,7 @@ def family_model(
             if arch == "sdxl":
                 built[arch] = arch_model("sdxl").folder
             else:
-                built[arch] = make_tiny_model(models_root / "family" / arch, arch=arch, seed=200)  # type: ignore[arg-type]
+                built[arch] = flow_model(arch).folder
         return built[arch]
 
     return build

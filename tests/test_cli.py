@@ -135,5 +135,10 @@ def test_make_tiny_model_writes_each_architecture(tmp_path: Path) -> None:
     assert index["_class_name"] == "StableDiffusionXLPipeline" and index["text_encoder_2"][0] == "transformers"
     scheduler = json.loads((tmp_path / "xl" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "EulerDiscreteScheduler"  # as the shipped SDXL config
-    wrong = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / "x"), "--arch", "sd3"])
-    assert wrong.exit_code == 2 and "sd3" in wrong.output
+    flux = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / "schnell"), "--arch", "flux-schnell"])
+    assert flux.exit_code == 0, flux.output
+    assert json.loads((tmp_path / "schnell" / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    transformer = json.loads((tmp_path / "schnell" / "transformer" / "config.json").read_text())
+    assert transformer["guidance_embeds"] is False
+    wrong = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / "x"), "--arch", "sd4"])
+    assert wrong.exit_code == 2 and "sd4" in wrong.output and "flux-schnell" in wrong.output

@@ -184,29 +184,33 @@ class GracefulServer(uvicorn.Server):
 @app.command("make-tiny-model")
 def make_tiny_model(
     folder: Annotated[Path, typer.Argument(help="Output folder (a diffusers model folder)")],
-    arch: Annotated[str, typer.Option(help="Layout: sd1, sd2 (v-prediction) or sdxl")] = "sd1",
+    arch: Annotated[
+        str,
+        typer.Option(
+            help="Layout: sd1, sd2 (v-prediction), sdxl, sd3 (= sd3.5-medium), sd3-medium, sd3.5-large, "
+            "flux (= flux-dev), flux-schnell or flux-fill"
+        ),
+    ] = "sd1",
     inpainting: Annotated[bool, typer.Option(help="9-channel inpainting UNet")] = False,
     clip_vocab: Annotated[
         bool, typer.Option(help="SD 1.x with CLIP's real vocabulary (2.x and XL always have it)")
     ] = False,
     safety_checker: Annotated[bool, typer.Option(help="Include a (random, never-flagging) safety checker")] = True,
     always_flag: Annotated[bool, typer.Option(help="Make the safety checker flag every image")] = False,
+    t5: Annotated[bool, typer.Option(help="SD3: include the T5 text encoder (FLUX always has it)")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the random weights")] = 0,
 ) -> None:
-    """Write a tiny random-weight Stable Diffusion model (a few MB, offline). It draws noise."""
+    """Write a tiny random-weight model (a few MB, offline). It draws noise."""
+    from sdserver.engine.tiny import TINY_ARCHS
     from sdserver.engine.tiny import make_tiny_model as build
 
-    if arch not in ("sd1", "sd2", "sdxl"):
-        raise typer.BadParameter(f"must be sd1, sd2 or sdxl, got {arch!r}", param_hint="--arch")
-    build(
-        folder,
-        arch=arch,  # type: ignore[arg-type]
-        inpainting=inpainting,
-        safety_checker=safety_checker,
-        always_flag=always_flag,
-        clip_vocab=clip_vocab,
-        seed=seed,
-    )
+    if arch not in TINY_ARCHS:
+        raise typer.BadParameter(f"must be one of {', '.join(TINY_ARCHS)}; got {arch!r}", param_hint="--arch")
+    if arch in ("sd1", "sd2", "sdxl"):
+        options = {"inpainting": inpainting, "safety_checker": safety_checker, "always_flag": always_flag}
+        build(folder, arch=arch, clip_vocab=clip_vocab, seed=seed, **options)  # type: ignore[arg-type]
+    else:
+        build(folder, arch=arch, t5=t5, seed=seed)  # type: ignore[arg-type]
     typer.echo(f"wrote {folder}")
 
 

@@ -34,7 +34,7 @@ from sdserver.core.types import Limits
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEMO_MODEL = "demo"
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
 _URL_PATH = re.compile(r"^[A-Za-z0-9._~-]+$")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -52,6 +52,9 @@ class CustomModel(BaseModel):
     requires_safety_checker: bool = False
     # Ours: SD 2.x single files are taken as v-prediction (and the rest as epsilon) unless this says otherwise.
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    # Ours: for an SD3/FLUX single file, a diffusers folder or hub id of the same family that lends what the
+    # file lacks (VAE, text encoders, T5 tokenizer); falls back to Settings.encoders[family].
+    encoders: str | None = None
 
     @field_validator("requires_safety_checker", mode="before")
     @classmethod
@@ -178,6 +181,13 @@ class Settings(BaseSettings):
     @property
     def base_model(self) -> str:
         return self.model or DEFAULT_MODEL
+
+    # Model families (issue 12)
+    encoders: dict[str, str] = Field(
+        default_factory=dict,
+        description="For SD3/FLUX single files that lack parts (VAE, text encoders, T5 tokenizer): a diffusers "
+        'folder or hub id per family that lends them, e.g. {"flux": "black-forest-labs/FLUX.1-dev"}',
+    )
 
     # Batching (issue 14)
     batching: Literal["step", "request"] = Field(

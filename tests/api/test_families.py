@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sdserver.cli import app
-from tests.conftest import SIZE, ClientFactory, decode_png, half_mask, pixels, png_b64, scene
+from tests.conftest import SIZE, ClientFactory, FlowModels, decode_png, half_mask, pixels, png_b64, scene
 
 FAMILIES = ("sd3", "flux", "flux-fill")
 STEPS = 2
@@ -23,12 +23,20 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def family_client(
-    make_module_client: ClientFactory, tiny_model: Path, family_model: Callable[[str], Path]
+    make_module_client: ClientFactory, tiny_model: Path, family_model: Callable[[str], Path], flow_model: FlowModels
 ) -> TestClient:
     custom = [
         {"url_path": arch, "ui_label": arch, "model_path": str(family_model(arch)), "requires_safety_checker": False}
         for arch in FAMILIES
     ]
+    files = {  # single files as people download them
+        "flux-gguf": {"model_path": str(flow_model("flux").gguf), "encoders": str(flow_model("flux").folder)},
+        "sd3-all-in-one": {"model_path": str(flow_model("sd3", t5=False).all_in_one)},
+        "sd3-transformer": {
+            "model_path": str(flow_model("sd3").transformer), "encoders": str(flow_model("sd3").folder)
+        },
+    }  # fmt: skip
+    custom += [{"url_path": name, "ui_label": name, **entry} for name, entry in files.items()]
     return make_module_client(model=str(tiny_model), custom_models=custom)
 
 
@@ -41,7 +49,7 @@ def ok(response: Any) -> Any:
     return response.json()
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("arch", [*FAMILIES, "flux-gguf", "sd3-all-in-one", "sd3-transformer"])
 def test_the_original_api_serves_every_task(family_client: TestClient, arch: str) -> None:
     base = {"prompt": "a red circle", "num_inference_steps": STEPS, "seed": 3}
     (drawn,) = ok(family_client.post(f"/custom/{arch}", data={**base, "width": SIZE, "height": SIZE}))["images"]
@@ -101,6 +109,14 @@ def test_a_sampler_of_another_family_is_refused_with_the_valid_ones(
     assert refused.json()["error"]["param"] == "sampler"
 
 
+def test_the_models_listing_names_each_family(family_client: TestClient) -> None:
+    listed = {model["name"]: model for model in family_client.get("/models").json()}
+    assert (listed["flux-fill"]["kind"], listed["flux-fill"]["inpainting"]) == ("flux", True)
+    assert (listed["flux-gguf"]["kind"], listed["sd3-all-in-one"]["kind"]) == ("flux", "sd3")
+    assert listed["flux"]["samplers"] == ["Euler", "Euler a", "DPM++ 2M", "UniPC"]
+    assert "DPM2 a Karras" in listed[next(name for name in listed if listed[name]["source"] == "base")]["samplers"]
+
+
 def test_a_negative_prompt_on_flux_is_refused_by_name(family_client: TestClient) -> None:
     response = family_client.post("/v1/jobs", json={"model": "flux", "prompt": "x", "negative_prompt": "blue"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "negative_prompt"
@@ -115,3 +131,17 @@ def test_the_command_line_draws_with_each_family(
     result = CliRunner().invoke(app, [*args, "--steps", str(STEPS), "--device", "cpu", "--config", str(tmp_path / "x")])
     assert result.exit_code == 0, result.output
     assert Image.open(out).size == (SIZE, SIZE)
+
+
+def test_flow_models_borrow_the_base_models_safety_checker(
+    make_client: ClientFactory, tiny_flagging_model: Path, family_model: Callable[[str], Path]
+) -> None:
+    custom = [
+        {"url_path": arch, "ui_label": arch, "model_path": str(family_model(arch)), "requires_safety_checker": True}
+        for arch in ("sd3", "flux")
+    ]
+    client = make_client(model=str(tiny_flagging_model), custom_models=custom)
+    for arch in ("sd3", "flux"):
+        fields = {"prompt": "x", "width": SIZE, "height": SIZE, "num_inference_steps": STEPS}
+        (flagged,) = ok(client.post(f"/custom/{arch}", data=fields))["images"]
+        assert flagged["nsfw"] is True and pixels(decode_png(flagged["base64"])).max() == 0  # blacked out

@@ -3,6 +3,7 @@ to that request only, and the model is left exactly as it was for the next one."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from sdserver.core.types import GenerationRequest
 from sdserver.service.jobs import Job
+from sdserver.service.running import group_key
 from tests.conftest import SIZE, STEPS, ArchModels, ClientFactory, decode_png, max_pixel_diff
 from tests.support.loras import make_tiny_lora
 
@@ -91,6 +93,20 @@ def test_requests_with_different_loras_never_share_a_batch() -> None:
 
     assert job(loras="ink:1").batch_key != job(loras="ink:0.5").batch_key != job().batch_key
     assert job(loras="ink:1").batch_key == job(prompt="y <lora:ink:1>").batch_key
+    # nor a running set (step batching)
+    keys = [group_key(job(**fields).request) for fields in ({"loras": "ink:1"}, {"loras": "ink:0.5"}, {})]
+    assert len(set(keys)) == 3
+    assert group_key(job(loras="ink:1", steps=9).request) == group_key(job(prompt="y <lora:ink:1>").request)
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_a_lora_applies_to_sd3_and_flux_models_and_leaves_them_clean(
+    make_client: ClientFactory, family_model: Callable[[str], Path], tmp_path: Path, arch: str
+) -> None:
+    make_tiny_lora(family_model(arch), tmp_path, "flow-style", seed=4)
+    client = make_client(model=str(family_model(arch)), loras_dir=str(tmp_path))
+    before, styled, after = draw(client), draw(client, loras="flow-style:1"), draw(client)
+    assert max_pixel_diff(styled, before) > 10 and max_pixel_diff(after, before) == 0
 
 
 def test_an_sdxl_lora_applies_to_an_sdxl_model(

@@ -148,7 +148,7 @@ VAE_IN = "first_stage_model.encoder.conv_in.weight"
     ("keys", "named"),
     [
         ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (9, 3)}, "Stable Diffusion 3"),
-        ({"double_blocks.0.img_attn.qkv.weight": (9, 3)}, "Flux"),
+        ({"double_blocks.0.img_attn.qkv.weight": (9, 3)}, "FLUX"),
         ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 8)}, "LoRA"),
         ({UNET_IN: (1, 4), VAE_IN: (1, 3), "conditioner.embedders.0.model.text_projection": (1, 1)}, "refiner"),
         ({UNET_IN: (320, 4, 3, 3)}, "not a full Stable Diffusion checkpoint"),

@@ -39,8 +39,8 @@ _TEXT_ENCODERS: dict[Kind, list[tuple[str, str, str]]] = {
 }
 # Families we recognise but cannot serve: a key that marks them, and their name.
 _OTHER_FAMILIES = (
-    ("joint_blocks.", "a Stable Diffusion 3 model"),
-    ("double_blocks.", "a Flux model"),
+    ("joint_blocks.", "a Stable Diffusion 3 model in a layout sdserver cannot read"),
+    ("double_blocks.", "a FLUX model in a layout sdserver cannot read"),
     ("edm_mean", "a Playground v2.5 model"),
     ("control_model.", "a ControlNet"),
     ("lora_unet_", "a LoRA (put it in loras_dir)"),
@@ -83,7 +83,7 @@ def detect(shapes: Shapes, *, name: str, prediction_type: Prediction | None = No
 def _kind(shapes: Shapes, name: str) -> Kind:
     for marker, family in _OTHER_FAMILIES:
         if any(marker in key for key in shapes):
-            raise UnsupportedModel(f"{name} looks like {family}; sdserver serves Stable Diffusion 1.x, 2.x and XL")
+            raise UnsupportedModel(f"{name} looks like {family}")
     has_unet = UNET + "input_blocks.0.0.weight" in shapes
     if not has_unet or VAE + "encoder.conv_in.weight" not in shapes:
         missing = "UNet" if not has_unet else "VAE"

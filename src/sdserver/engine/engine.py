@@ -57,6 +57,7 @@ class Engine:
             device=device,
             dtype=pick_dtype(settings.dtype, device),
             token=settings.hf_token,
+            encoders=settings.encoders,
             max_loaded=settings.max_loaded_models,
             max_memory_bytes=int(settings.max_memory_gb * 1e9) if settings.max_memory_gb is not None else None,
             models_dir=settings.models_dir,

@@ -11,24 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import diffusers
 import torch
-import yaml
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-from diffusers.loaders.single_file import load_single_file_sub_model
+from diffusers import DiffusionPipeline
 
 from sdserver.core.errors import ModelLoadError, SDServerError, UnsupportedModel
 from sdserver.engine import families
-from sdserver.engine.architectures import Prediction, detect, write_config_folder
-from sdserver.engine.checkpoint import read_shapes, read_state_dict
+from sdserver.engine.architectures import Prediction
 from sdserver.engine.families import Family
-from sdserver.engine.families.base import Description
+from sdserver.engine.families.base import Description, FileOptions
+from sdserver.engine.flowfiles import read_flow_shapes
 from sdserver.engine.safety import SafetyChecker
 from sdserver.settings import DEMO_MODEL, is_hub_id, is_single_file
 
@@ -107,7 +103,7 @@ def resolve_source(source: str) -> tuple[str, Form]:
         return str(local), "folder"
     if local.is_file():
         if not is_single_file(local):
-            raise ModelLoadError(f"{source!r} is a file but not a .safetensors or .ckpt checkpoint")
+            raise ModelLoadError(f"{source!r} is a file but not a .safetensors, .gguf or .ckpt checkpoint")
         return str(local), "file"
     if is_hub_id(source):
         return source, "hub"
@@ -122,15 +118,23 @@ def describe_source(source: str, prediction_type: Prediction | None = None) -> D
     if form == "hub":
         return Description("unknown", None)
     if form == "file":
-        path = Path(location)
-        arch = detect(read_shapes(path), name=path.name, prediction_type=prediction_type)
-        return Description(arch.kind, arch.inpainting)
+        return file_family(Path(location), FileOptions(prediction_type=prediction_type))[1]
     folder = Path(location)
     index = _read_json(folder / "model_index.json")
     family = families.for_pipeline_class(str(index.get("_class_name")))
     if family is None:
         raise UnsupportedModel(f"{source} is a {index.get('_class_name')}; sdserver serves {families.served_names()}")
     return family.describe_index(index, folder, source)
+
+
+def file_family(path: Path, options: FileOptions) -> tuple[Family, Description]:
+    """Which family a single file belongs to, from its header (a .ckpt is only read when it loads)."""
+    shapes = read_flow_shapes(path)  # None for a .ckpt
+    for family in families.all_families():
+        found = family.detect_file(path, shapes, options)
+        if found is not None:
+            return family, found
+    raise UnsupportedModel(f"{path.name} is not a checkpoint of a family sdserver serves ({families.served_names()})")
 
 
 def load_pipelines(
@@ -141,21 +145,25 @@ def load_pipelines(
     token: str | None = None,
     checker_from: LoadedPipelines | None = None,
     prediction_type: Prediction | None = None,
+    encoders: str | None = None,
+    family_encoders: dict[str, str] | None = None,
     tuning: Tuning | None = None,
     pipe: Any = None,
 ) -> LoadedPipelines:
     """Load `source` onto `device`; borrow `checker_from`'s safety checker if it has none of its own.
+    `encoders` (or `family_encoders[family]`) lends an SD3/FLUX single file the parts it lacks.
     `tuning`: the speed switches and memory modes applied as it loads (engine/speed.py). `pipe`: a pipeline
     already built in memory (bench/gpu.py's random-weight models), used instead of reading `source`."""
     if pipe is not None:
         return _assemble(pipe, source, device, checker_from, prediction_type, tuning)
-
     location, form = resolve_source(source)
+    options = FileOptions(prediction_type, encoders, dict(family_encoders or {}), token)
     try:
         if form == "file":
-            pipe = _from_single_file(Path(location), dtype, prediction_type)
+            owner, _ = file_family(Path(location), options)
+            pipe = owner.load_file(Path(location), dtype, options)
         else:
-            pipe = DiffusionPipeline.from_pretrained(location, dtype=dtype, token=token, local_files_only=form != "hub")
+            pipe = _from_folder(location, form, dtype, token)
     except SDServerError:
         raise
     except Exception as exc:  # diffusers raises many kinds (OSError, ValueError, hub errors)
@@ -208,56 +216,23 @@ def _assemble(
     return loaded
 
 
-def _from_single_file(path: Path, dtype: torch.dtype, prediction_type: Prediction | None) -> Any:
-    """A pipeline from an original-layout checkpoint, converted by diffusers with our shipped configs."""
-    state = read_state_dict(path)
-    shapes = {key: tuple(tensor.shape) for key, tensor in state.items()}
-    arch = detect(shapes, name=path.name, prediction_type=prediction_type or _sidecar_prediction(path))
-    with tempfile.TemporaryDirectory(prefix="sdserver-config-") as tmp:
-        folder = write_config_folder(arch, shapes, Path(tmp), name=path.name)
-        components = {}
-        for name, value in _read_json(folder / "model_index.json").items():
-            if not isinstance(value, list) or value[0] is None:
-                continue  # a setting, or a component single files do not have (the safety checker)
-            library, class_name = value
-            components[name] = load_single_file_sub_model(
-                library_name=library,
-                class_name=class_name,
-                name=name,
-                checkpoint=state,
-                pipelines=diffusers.pipelines,
-                is_pipeline_module=hasattr(diffusers.pipelines, library),
-                cached_model_config_path=str(folder),
-                local_files_only=True,
-                torch_dtype=dtype,
-            )
-    log.info("%s: %s%s, %s", path.name, arch.kind, " inpainting" if arch.inpainting else "", arch.prediction_type)
-    if arch.kind == "sdxl":
-        return StableDiffusionXLPipeline(**components)
-    no_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    return StableDiffusionPipeline(**components, **no_checker)
-
-
-def _sidecar_prediction(path: Path) -> Prediction | None:
-    """A1111's convention: `model.yaml` beside `model.safetensors` is its original LDM config, where
-    v-prediction models say `parameterization: "v"`."""
-    yaml_path = path.with_suffix(".yaml")
-    if not yaml_path.is_file():
-        return None
-    try:
-        config = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
-        params = config["model"]["params"]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"cannot read {yaml_path.name} (the config beside {path.name}): {exc}") from None
-    return "v_prediction" if isinstance(params, dict) and params.get("parameterization") == "v" else "epsilon"
-
-
 def _memory_bytes(pipe: Any, checker: SafetyChecker | None) -> int:
     modules = [module for module in pipe.components.values() if isinstance(module, torch.nn.Module)]
     if checker is not None:
         modules.append(checker.model)
     tensors = {id(t): t for module in modules for t in [*module.parameters(), *module.buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _from_folder(location: str, form: Form, dtype: torch.dtype, token: str | None) -> Any:
+    extra: dict[str, Any] = {}
+    if form == "folder":
+        index = _read_json(Path(location) / "model_index.json")
+        family = families.for_pipeline_class(str(index.get("_class_name")))
+        extra = family.pretrained_kwargs(index) if family is not None else {}
+    return DiffusionPipeline.from_pretrained(
+        location, dtype=dtype, token=token, local_files_only=form != "hub", **extra
+    )
 
 
 def weights_hash(module: torch.nn.Module) -> str:

@@ -54,6 +54,7 @@ class ModelSpec:
     is_base: bool = False
     origin: Origin = "custom_models"
     prediction_type: Prediction | None = None  # overrides the model's own (or, for single files, the guess)
+    encoders: str | None = None  # SD3/FLUX single files: where the parts they lack come from
     description: Description | None = None  # read from disk when configured; None: not yet known
 
 
@@ -91,6 +92,7 @@ def specs_from_settings(settings: Settings) -> list[ModelSpec]:
             label=custom.ui_label,
             requires_safety_checker=custom.requires_safety_checker,
             prediction_type=custom.prediction_type,
+            encoders=custom.encoders,
         )
         specs.append(_checked(spec))
     if settings.models_dir is not None:
@@ -158,6 +160,7 @@ class Registry:
         device: torch.device,
         dtype: torch.dtype,
         token: str | None,
+        encoders: dict[str, str] | None = None,
         max_loaded: int = 3,
         max_memory_bytes: int | None = None,
         models_dir: str | None = None,
@@ -180,6 +183,7 @@ class Registry:
         self.unload_count = 0
         self.device, self.dtype, self._token = device, dtype, token
         self.tuning = tuning  # speed switches and memory modes applied to each model as it loads
+        self._encoders = dict(encoders or {})  # per family: what SD3/FLUX single files may borrow
         self.refresh()
 
     @property
@@ -376,6 +380,8 @@ class Registry:
             checker_from=borrow,
             prediction_type=spec.prediction_type,
             tuning=self.tuning,
+            encoders=spec.encoders,
+            family_encoders=self._encoders,
         )
         with self._lock:
             self.load_count += 1

@@ -1,4 +1,5 @@
-"""Build a tiny, random-weight Stable Diffusion model (1.x, 2.x or XL layout) in diffusers format, offline.
+"""Build a tiny, random-weight Stable Diffusion model (1.x, 2.x, XL; 3 / 3.5 and FLUX.1 through
+`tiny_flow.py`) in diffusers format, offline.
 
 It is the same kind of folder as a user's fine-tuned model (model_index.json, unet, vae,
 text_encoder, tokenizer, scheduler, safety_checker, feature_extractor), only a few MB, so tests
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, TypedDict, Unpack
+from typing import Any, Literal, TypedDict, Unpack
 
 import diffusers
 import torch
@@ -28,6 +29,7 @@ from transformers import (
 
 from sdserver.engine.architectures import Kind as Arch
 from sdserver.engine.architectures import architectures_root
+from sdserver.engine.tiny_flow import ALIASES, FLOW_ARCHS, build_tiny_flow_pipeline, resolve, shipped
 
 TEXT_HIDDEN = 32
 MAX_TOKENS = 77
@@ -76,12 +78,6 @@ def write_byte_level_tokenizer(folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(folder)
 
 
-def _shipped(arch: Arch, component: str) -> dict[str, Any]:
-    """The shipped full-size config of `arch`'s component (see architectures.py)."""
-    config = json.loads((architectures_root() / arch / component / "config.json").read_text(encoding="utf-8"))
-    return {key: value for key, value in config.items() if not key.startswith("_") and key != "architectures"}
-
-
 def _unet(arch: Arch, in_channels: int, context: int, pooled: int) -> UNet2DConditionModel:
     """The shipped UNet config, shrunk; heads follow the shipped rule (1.x: 8 heads; 2.x/XL: 64 channels each)."""
     sizes: dict[str, Any] = {"in_channels": in_channels, "layers_per_block": 1, "sample_size": 8}
@@ -108,13 +104,13 @@ def _unet(arch: Arch, in_channels: int, context: int, pooled: int) -> UNet2DCond
             "addition_time_embed_dim": 8,
             "projection_class_embeddings_input_dim": 6 * 8 + pooled,
         }
-    return UNet2DConditionModel(**(_shipped(arch, "unet") | sizes | {"cross_attention_dim": context}))
+    return UNet2DConditionModel(**(shipped(arch, "unet") | sizes | {"cross_attention_dim": context}))
 
 
 def _vae(arch: Arch) -> AutoencoderKL:
     # Four blocks: an 8x down-sampling VAE, the geometry of real Stable Diffusion.
     sizes = {"block_out_channels": (32, 32, 64, 64), "layers_per_block": 1, "sample_size": 64}
-    return AutoencoderKL(**(_shipped(arch, "vae") | sizes))
+    return AutoencoderKL(**(shipped(arch, "vae") | sizes))
 
 
 def _text_encoder(
@@ -129,7 +125,7 @@ def _text_encoder(
         "max_position_embeddings": MAX_TOKENS,
         "projection_dim": hidden,
     }
-    config = CLIPTextConfig(**(_shipped(arch, component) | sizes))
+    config = CLIPTextConfig(**(shipped(arch, component) | sizes))
     if component == "text_encoder_2":
         return CLIPTextModelWithProjection(config)
     return CLIPTextModel(config)
@@ -232,18 +228,43 @@ def _tmp_dir() -> str:
     return tempfile.mkdtemp(prefix="sdserver-tiny-")
 
 
+# Every architecture a tiny model can have: SD 1.x/2.x/XL, and the SD3/FLUX layouts (with aliases).
+TinyArch = Literal[
+    "sd1",
+    "sd2",
+    "sdxl",
+    "sd3",
+    "sd3-medium",
+    "sd3.5-medium",
+    "sd3.5-large",
+    "flux",
+    "flux-dev",
+    "flux-schnell",
+    "flux-fill",
+]
+TINY_ARCHS: tuple[str, ...] = ("sd1", "sd2", "sdxl", *ALIASES, *FLOW_ARCHS)
+
+
 class TinyOptions(TypedDict, total=False):
-    arch: Arch
+    arch: TinyArch
     inpainting: bool
     safety_checker: bool
     always_flag: bool
     clip_vocab: bool
+    t5: bool
     seed: int
 
 
 def make_tiny_model(folder: Path, **options: Unpack[TinyOptions]) -> Path:
-    """Write the tiny model (see build_tiny_pipeline for the options) to `folder` (created) and return it."""
-    pipe = build_tiny_pipeline(**options)
+    """Write the tiny model to `folder` (created) and return it. SD 1.x/2.x/XL: see build_tiny_pipeline
+    for the options; SD3/FLUX (`arch` "sd3", "sd3.5-large", "flux-schnell"...): see
+    tiny_flow.build_tiny_flow_pipeline (`t5`, `seed`)."""
+    flow = resolve(options.get("arch", "sd1"))
+    if flow is not None:
+        return _make_tiny_flow_model(folder, flow, options)
+    if "t5" in options:
+        raise ValueError("t5 applies to SD3 and FLUX tiny models only")
+    pipe = build_tiny_pipeline(**options)  # type: ignore[arg-type, misc]  # an SD 1.x/2.x/XL arch, by now
     inpainting, arch = options.get("inpainting", False), options.get("arch", "sd1")
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(folder, safe_serialization=True)
@@ -255,4 +276,21 @@ def make_tiny_model(folder: Path, **options: Unpack[TinyOptions]) -> Path:
             "StableDiffusionXLInpaintPipeline" if arch == "sdxl" else "StableDiffusionInpaintPipeline"
         )
         index_path.write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def _make_tiny_flow_model(folder: Path, arch: Any, options: TinyOptions) -> Path:
+    unsupported = sorted(set(options) - {"arch", "t5", "seed"})
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)} do not apply to a tiny {arch} model")
+    pipe = build_tiny_flow_pipeline(arch, t5=options.get("t5", True), seed=options.get("seed", 0))
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # transformers 5 saves its T5 tokenizer as "T5Tokenizer"; hub folders (and older versions) say Fast.
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    for name, value in index.items():
+        if value == ["transformers", "T5Tokenizer"]:
+            index[name] = ["transformers", "T5TokenizerFast"]
+    index_path.write_text(json.dumps(index, indent=2))
     return folder

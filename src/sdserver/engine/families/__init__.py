@@ -12,7 +12,9 @@ from typing import Any
 
 from sdserver.engine.families.base import Conditioning, Family, Options, State, denoise
 
-_MODULES = ("sd", "sdxl", "sd3", "flux")
+# Detection order for single files: the flow families claim their files by distinctive keys first; SD's
+# detection, which names what any other checkpoint is, comes last.
+_MODULES = ("sd3", "flux", "sd", "sdxl")
 
 
 @cache

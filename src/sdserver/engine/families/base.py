@@ -19,7 +19,7 @@ bound in for the call; they do not copy pipeline code. One module per family in 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +33,23 @@ from sdserver.core.types import PreparedRequest, Task
 if TYPE_CHECKING:
     from sdserver.engine.loaders import LoadedPipelines
 
+Shapes = Mapping[str, tuple[int, ...]]
+
 Guidance = Literal["cfg", "distilled"]
 NO_CHECKER = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+@dataclass(frozen=True)
+class FileOptions:
+    """How to load a single file: what the weights cannot tell, and where missing parts come from."""
+
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # SD 1.x/2.x/XL
+    encoders: str | None = None  # SD3/FLUX: a folder or hub id lending the parts the file lacks
+    family_encoders: dict[str, str] = field(default_factory=dict)  # the same per family, as the fallback
+    token: str | None = None
+
+    def encoders_for(self, family: str) -> str | None:
+        return self.encoders or self.family_encoders.get(family)
 
 
 @dataclass(frozen=True)
@@ -129,6 +144,20 @@ class Family:
 
     def check(self, pipe: Any, source: str) -> None:
         """Refuse (UnsupportedModel) a loaded pipeline of this family that cannot serve txt2img."""
+
+    def pretrained_kwargs(self, index: dict[str, Any]) -> dict[str, Any]:
+        """Extra arguments `DiffusionPipeline.from_pretrained` needs for a folder of this family."""
+        return {}
+
+    def detect_file(self, path: Path, shapes: Shapes | None, options: FileOptions) -> Description | None:
+        """What a single file is, if it is one of this family's (from its tensor names and shapes, read
+        from the header; None for a `.ckpt`, which is only read when loaded); UnsupportedModel names a
+        related file this family cannot serve."""
+        return None
+
+    def load_file(self, path: Path, dtype: torch.dtype, options: FileOptions) -> Any:
+        """A diffusers pipeline from a single file of this family (on the CPU), offline."""
+        raise NotImplementedError
 
     def pipelines(self, pipe: Any, device: torch.device) -> tuple[Any, Any, Any]:
         """txt2img, img2img and inpaint pipelines sharing `pipe`'s weights, on `device`. Their safety

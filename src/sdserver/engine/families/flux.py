@@ -19,12 +19,15 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from PIL import Image
 
 from sdserver.core.types import PreparedRequest, Task
+from sdserver.engine import flowfiles
 from sdserver.engine.families.base import (
     NO_CHECKER,
     Conditioning,
     Description,
     Family,
+    FileOptions,
     Options,
+    Shapes,
     State,
     bound,
     generators,
@@ -33,7 +36,7 @@ from sdserver.engine.families.base import (
     step_kwargs,
 )
 from sdserver.engine.families.sd import _inpaint_inputs, _json, _postprocess
-from sdserver.engine.families.sd3 import SD3_LATENT_RGB
+from sdserver.engine.families.sd3 import SD3_LATENT_RGB, flow_description
 from sdserver.engine.samplers import FLOW_SAMPLERS, scheduler_for
 
 if TYPE_CHECKING:
@@ -64,6 +67,12 @@ class Flux(Family):
             channels = _json(folder / "transformer" / "config.json").get("in_channels")
             fill = isinstance(channels, int) and channels > 64
         return Description("flux", fill)
+
+    def detect_file(self, path: Path, shapes: Shapes | None, options: FileOptions) -> Description | None:
+        return flow_description(self.name, path, shapes)
+
+    def load_file(self, path: Path, dtype: torch.dtype, options: FileOptions) -> Any:
+        return flowfiles.load_pipeline(path, dtype, options.encoders_for(self.name), options.token)
 
     def denoiser(self, pipe: Any) -> torch.nn.Module:
         transformer: torch.nn.Module = pipe.transformer
@@ -141,10 +150,10 @@ class Flux(Family):
             scheduler.config.get("base_shift", 0.5),
             scheduler.config.get("max_shift", 1.15),
         )
-        state.timesteps, _ = retrieve_timesteps(scheduler, steps, pipe.device, sigmas=sigmas, mu=mu)
+        state.timesteps, _ = retrieve_timesteps(scheduler, steps, pipe._execution_device, sigmas=sigmas, mu=mu)
         if cut:
             strength = 1.0 if request.task is Task.TXT2IMG else request.strength
-            state.timesteps, _ = pipe.get_timesteps(steps, strength, pipe.device)
+            state.timesteps, _ = pipe.get_timesteps(steps, strength, pipe._execution_device)
         else:
             scheduler.set_begin_index(0)
 

@@ -9,20 +9,30 @@ in outside the mask after every step.
 from __future__ import annotations
 
 import json
+import logging
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import diffusers
 import torch
+import yaml
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.loaders.single_file import load_single_file_sub_model
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from PIL import Image
 
-from sdserver.core.errors import UnsupportedModel
+from sdserver.core.errors import ModelLoadError, UnsupportedModel
 from sdserver.core.types import PreparedRequest, Task
+from sdserver.engine.architectures import Prediction, detect, write_config_folder
+from sdserver.engine.checkpoint import read_state_dict
 from sdserver.engine.families.base import (
     Conditioning,
     Description,
     Family,
+    FileOptions,
+    Shapes,
     State,
     bound,
     generators,
@@ -33,6 +43,8 @@ from sdserver.engine.samplers import SAMPLERS, scheduler_for
 
 if TYPE_CHECKING:
     from sdserver.engine.loaders import LoadedPipelines
+
+log = logging.getLogger(__name__)
 
 # The widely used least-squares fit of SD 1.x/2.x latents to RGB (for previews only).
 SD_LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
@@ -64,6 +76,15 @@ class StableDiffusion(Family):
             else _clip_kind(_json(folder / "text_encoder" / "config.json").get("hidden_act"))
         )
         return Description(kind, channels == 9 if isinstance(channels, int) else None)
+
+    def detect_file(self, path: Path, shapes: Shapes | None, options: FileOptions) -> Description | None:
+        if shapes is None:  # a .ckpt: only SD 1.x/2.x/XL ship as pickles; its kind is read when it loads
+            return Description("unknown", None) if self.name == "sd" else None
+        arch = detect(shapes, name=path.name, prediction_type=options.prediction_type)
+        return Description(arch.kind, arch.inpainting) if arch.kind in self.kinds else None
+
+    def load_file(self, path: Path, dtype: torch.dtype, options: FileOptions) -> Any:
+        return load_ldm_file(path, dtype, options.prediction_type)
 
     def check(self, pipe: Any, source: str) -> None:
         if getattr(pipe, "text_encoder", None) is None:
@@ -200,6 +221,51 @@ class StableDiffusion(Family):
         latents = torch.cat([state.latents for state in states])
         pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
         return _postprocess(pipe, pixels)
+
+
+def load_ldm_file(path: Path, dtype: torch.dtype, prediction_type: Prediction | None) -> Any:
+    """An SD 1.x/2.x/XL pipeline from an original-layout checkpoint (.safetensors, or .ckpt through the
+    weights-only unpickler), converted by diffusers with the shipped architecture configs."""
+    state = read_state_dict(path)
+    shapes = {key: tuple(tensor.shape) for key, tensor in state.items()}
+    arch = detect(shapes, name=path.name, prediction_type=prediction_type or _sidecar_prediction(path))
+    with tempfile.TemporaryDirectory(prefix="sdserver-config-") as tmp:
+        folder = write_config_folder(arch, shapes, Path(tmp), name=path.name)
+        components = {}
+        for name, value in _json(folder / "model_index.json").items():
+            if not isinstance(value, list) or value[0] is None:
+                continue  # a setting, or a component single files do not have (the safety checker)
+            library, class_name = value
+            components[name] = load_single_file_sub_model(
+                library_name=library,
+                class_name=class_name,
+                name=name,
+                checkpoint=state,
+                pipelines=diffusers.pipelines,
+                is_pipeline_module=hasattr(diffusers.pipelines, library),
+                cached_model_config_path=str(folder),
+                local_files_only=True,
+                torch_dtype=dtype,
+            )
+    log.info("%s: %s%s, %s", path.name, arch.kind, " inpainting" if arch.inpainting else "", arch.prediction_type)
+    if arch.kind == "sdxl":
+        return StableDiffusionXLPipeline(**components)
+    no_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    return StableDiffusionPipeline(**components, **no_checker)
+
+
+def _sidecar_prediction(path: Path) -> Prediction | None:
+    """A1111's convention: `model.yaml` beside `model.safetensors` is its original LDM config, where
+    v-prediction models say `parameterization: "v"`."""
+    yaml_path = path.with_suffix(".yaml")
+    if not yaml_path.is_file():
+        return None
+    try:
+        config = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+        params = config["model"]["params"]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"cannot read {yaml_path.name} (the config beside {path.name}): {exc}") from None
+    return "v_prediction" if isinstance(params, dict) and params.get("parameterization") == "v" else "epsilon"
 
 
 def _inpaint_inputs(request: PreparedRequest) -> tuple[Image.Image, Image.Image, float]:

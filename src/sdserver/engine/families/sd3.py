@@ -16,11 +16,14 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 from PIL import Image
 
 from sdserver.core.types import PreparedRequest, Task
+from sdserver.engine import flowfiles
 from sdserver.engine.families.base import (
     Conditioning,
     Description,
     Family,
+    FileOptions,
     Options,
+    Shapes,
     State,
     bound,
     generators,
@@ -60,6 +63,16 @@ class StableDiffusion3(Family):
     def describe_index(self, index: dict[str, Any], folder: Path, source: str) -> Description:
         channels = _json(folder / "transformer" / "config.json").get("in_channels")
         return Description("sd3", channels == 33 if isinstance(channels, int) else None)
+
+    def pretrained_kwargs(self, index: dict[str, Any]) -> dict[str, Any]:
+        # diffusers lists T5 as required: a folder saved without it loads only with explicit Nones
+        return {"text_encoder_3": None, "tokenizer_3": None} if index.get("text_encoder_3") == [None, None] else {}
+
+    def detect_file(self, path: Path, shapes: Shapes | None, options: FileOptions) -> Description | None:
+        return flow_description(self.name, path, shapes)
+
+    def load_file(self, path: Path, dtype: torch.dtype, options: FileOptions) -> Any:
+        return flowfiles.load_pipeline(path, dtype, options.encoders_for(self.name), options.token)
 
     def denoiser(self, pipe: Any) -> torch.nn.Module:
         transformer: torch.nn.Module = pipe.transformer
@@ -205,6 +218,14 @@ class StableDiffusion3(Family):
         config = pipe.vae.config
         pixels = pipe.vae.decode(latents / config.scaling_factor + config.shift_factor, return_dict=False)[0]
         return _postprocess(pipe, pixels)
+
+
+def flow_description(family: str, path: Path, shapes: Shapes | None) -> Description | None:
+    """An SD3/FLUX single file (all-in-one, transformer only, or GGUF) of `family`, from its header."""
+    found = flowfiles.detect_shapes(shapes, path) if shapes is not None else None
+    if found is None or found.family != family:
+        return None
+    return Description(family, found.variant == "flux-fill")
 
 
 def _strength(request: PreparedRequest) -> float:
