@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +180,20 @@ def test_a_decode_that_runs_out_of_memory_is_retried_tiled(measured: LoadedPipel
     finally:
         decoder.original = real
     assert pixels.shape == (2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd3", "flux"])
+def test_every_family_splits_a_batch_into_the_same_images(arch: str, family_model: Callable[[str], Path]) -> None:
+    """SDXL's added conditions, SD3's pooled projections, FLUX's packed latents and shared position ids:
+    each row of a split forward gets exactly its own inputs."""
+    model = load_pipelines(str(family_model(arch)), device=CPU, dtype=torch.float32, tuning=Tuning(memory_limit=2 * GB))
+    assert model.memory is not None and model.splitter is not None
+    calls = model.splitter.calls
+    whole = draw(model, 3)
+    steps = model.splitter.calls - calls
+    rows = 6 if model.family.options.guidance == "cfg" else 3
+    model.memory.limit = budget_for(model, 2, 64)
+    calls = model.splitter.calls
+    split = draw(model, 3)
+    assert model.splitter.calls - calls == steps * -(-rows // 2)
+    assert max_diff(whole, split) <= 1
