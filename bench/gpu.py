@@ -167,7 +167,8 @@ def build(name: str, plan: Plan, workdir: Path) -> Any:
         from sdserver.engine.tiny import make_tiny_model
 
         arch = {"sd15": "sd1", "sdxl": "sdxl", "flux-schnell": "flux-schnell"}[name]
-        folder = make_tiny_model(workdir / name, arch=arch, safety_checker=False, seed=5)  # type: ignore[arg-type]
+        options = {} if arch.startswith("flux") else {"safety_checker": False}
+        folder = make_tiny_model(workdir / name, arch=arch, seed=5, **options)  # type: ignore[arg-type]
         return DiffusionPipeline.from_pretrained(folder).to(plan.device)
     if name == "flux-schnell":
         return build_flux_schnell(plan.device, torch.bfloat16)
@@ -412,6 +413,7 @@ def offload_section(name: str, pipe: Any, plan: Plan, rows: list[dict[str, Any]]
             if plan.over(f"{name} offload {mode}"):
                 continue
             row: dict[str, Any] = {"model": name, "offload": mode, "size": side, "steps": steps, "auto_chooses": auto}
+            row["cap_gb"] = plan.cap_gb if cuda else None
             model = None
             try:
                 model = load_pipelines(name, device=device, dtype=pipe.dtype, pipe=pipe,
@@ -464,8 +466,9 @@ def table(speed: list[dict[str, Any]], server: dict[str, Any], offload: list[dic
         )
     for r in offload:
         note = f"auto chooses {r['auto_chooses']}" + ("" if r.get("ok") else f"; {r.get('error')}")
+        cap = f" ({r['cap_gb']} GB cap)" if r.get("cap_gb") else ""
         lines.append(
-            f"| {r['model']} | offload {r['offload']} (cap) | {r['size']} | 1 | {r.get('it_s', '')} | | "
+            f"| {r['model']} | offload {r['offload']}{cap} | {r['size']} | 1 | {r.get('it_s', '')} | | "
             f"{r.get('wall_s', '')} | {r.get('peak_gb', '')} | {note} |"
         )
     return "\n".join(lines)
