@@ -60,9 +60,10 @@ class Tuning:
         cuda = device.type == "cuda"
         capability = torch.cuda.get_device_capability(device) if cuda else (0, 0)
         _check(settings, device, capability)
+        slicing = _auto(settings.attention_slicing, device.type == "mps")
         return cls(
             channels_last=_auto(settings.channels_last, cuda),
-            fuse_qkv=_auto(settings.fuse_qkv, cuda) and settings.attention_slicing != "on",
+            fuse_qkv=_auto(settings.fuse_qkv, cuda) and not slicing,  # slicing replaces the fused processors
             tf32=_auto(settings.tf32, cuda and capability >= (8, 0)),
             compile=settings.compile,
             compile_sizes=tuple(parse_size(size) for size in settings.compile_sizes),
@@ -70,7 +71,7 @@ class Tuning:
             offload=settings.offload if cuda else "none",
             vae_tiling=settings.vae_tiling,
             tile_above=int(settings.vae_tile_megapixels * 1e6),
-            attention_slicing=_auto(settings.attention_slicing, device.type == "mps"),
+            attention_slicing=slicing,
             quantize=settings.quantize,
             memory_limit=int(settings.memory_limit_gb * GB) if settings.memory_limit_gb is not None else None,
         )
@@ -210,9 +211,19 @@ def finish(model: LoadedPipelines, device: torch.device, tuning: Tuning, offload
     model.splitter = RowSplitter(model.family.denoiser(pipe), memory)
     model.decoder = Decoder(pipe.vae, memory, tuning.vae_tiling, tuning.tile_above, int(pipe.vae_scale_factor))
     if memory is not None:
-        calibrate(model, memory, name)
+        try:
+            calibrate(model, memory, name)
+        except Exception as exc:  # e.g. out of memory on a small card: serve, without the estimate
+            free_device_memory(device)
+            log.warning("%s: memory needs not measured (%s: %s); batches are not split to fit", name,
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
     if tuning.compile:
-        compile_and_warm_up(model, tuning, name)
+        try:
+            compile_and_warm_up(model, tuning, name)
+        except Exception as exc:  # a compiler failure must not keep the model from serving
+            _uncompile(model)
+            log.error("%s: compiling failed (%s: %s); serving it uncompiled", name, type(exc).__name__,
+                      str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
 
 
 def _attach_offload(model: LoadedPipelines, device: torch.device, mode: Offload) -> None:
@@ -315,6 +326,18 @@ def compile_and_warm_up(model: LoadedPipelines, tuning: Tuning, name: str) -> No
         name, len(compiled), "/".join(regions) or "no", ", ".join(f"{w}x{h}" for w, h in sizes),
         ",".join(map(str, buckets)), time.perf_counter() - started,
     )  # fmt: skip
+
+
+def _uncompile(model: LoadedPipelines) -> None:
+    import torch._dynamo
+
+    for module in [*model.family.denoiser(model.txt2img).modules(), *model.txt2img.vae.decoder.modules()]:
+        module._compiled_call_impl = None  # what nn.Module.compile() set
+    if model.splitter is not None:
+        model.splitter.buckets, model.splitter.bucketed_shapes = (), set()
+    if model.decoder is not None:
+        model.decoder.max_rows = None
+    torch._dynamo.reset()
 
 
 def _warm_up(model: LoadedPipelines, size: tuple[int, int], buckets: tuple[int, ...]) -> None:
