@@ -23,7 +23,7 @@ Sections (in one process, one after the other, so every ratio compares numbers f
 --quick (any device): tiny models (64² and 128², batch 1 and 2, 4 steps), compile with 2 rows at most, no
 FLUX unless the tiny FLUX builder is installed. Expected: under 3 minutes on a 2-core CPU, under 8 on an
 H100/H200 for the full run. --budget-s stops starting new measurements past that many seconds (they are
-listed as skipped).
+listed as skipped); --sections offload (or speed, server) runs only those, e.g. to finish a cut run.
 """
 
 from __future__ import annotations
@@ -487,10 +487,14 @@ def main() -> None:
     )
     parser.add_argument("--cap-gb", type=float, default=8.0, help="the simulated card for the offload section")
     parser.add_argument("--no-flux", action="store_true")
+    parser.add_argument(
+        "--sections", default="speed,server,offload", help="which to run (e.g. offload alone, to finish a cut run)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     loaders.weights_hash = _no_hash  # type: ignore[assignment]
     device = torch.device(args.device)
+    sections = set(args.sections.split(","))
     quick = args.quick
     plan = Plan(
         device=device,
@@ -512,14 +516,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sdserver-bench-") as tmp:
         workdir = Path(tmp)
         for name in ("sd15", "sdxl"):
+            if not ({"speed", "server"} & sections if name == "sd15" else {"speed", "offload"} & sections):
+                continue
             pipe = build(name, plan, workdir)
-            speed_section(name, pipe, plan, speed)
-            if name == "sd15":
+            if "speed" in sections:
+                speed_section(name, pipe, plan, speed)
+            if name == "sd15" and "server" in sections:
                 server = server_section(pipe, plan, workdir)
-            if name == "sdxl":
+            if name == "sdxl" and "offload" in sections:
                 offload_section(name, pipe, plan, offload)
             release(pipe)
-        if not args.no_flux and _flux_available(quick) and not plan.over("flux-schnell offload"):
+        flux = not args.no_flux and "offload" in sections and _flux_available(quick)
+        if flux and not plan.over("flux-schnell offload"):
             try:  # built here for the first time on a GPU: a failure is reported, the rest is kept
                 pipe = build("flux-schnell", plan, workdir)
                 offload_section("flux-schnell", pipe, plan, offload)

@@ -13,9 +13,9 @@ from PIL import Image
 
 from sdserver.core.errors import ConfigError
 from sdserver.engine.loaders import LoadedPipelines, load_pipelines
-from sdserver.engine.session import Session
-from sdserver.engine.speed import Tuning, lora_ready, probe
+from sdserver.engine.speed import Tuning, lora_ready
 from sdserver.settings import Settings
+from tests.engine.test_memory import draw, max_diff
 from tests.test_cli import free_port, serve
 
 CPU = torch.device("cpu")
@@ -25,21 +25,9 @@ def load(folder: Path, **tuning: object) -> LoadedPipelines:
     return load_pipelines(str(folder), device=CPU, dtype=torch.float32, tuning=Tuning(**tuning))  # type: ignore[arg-type]
 
 
-def draw(model: LoadedPipelines, images: int = 2, side: int = 64) -> list[Image.Image]:
-    session = Session(model, "tiny", lambda name: None)
-    state = session.admit(probe(model, side, images).model_copy(update={"steps": 3, "seed": 11}))
-    while not state.done:
-        session.step([state])
-    return [out.image for out in session.finish([state])[0]]
-
-
-def max_diff(a: list[Image.Image], b: list[Image.Image]) -> int:
-    return max(int(np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max()) for x, y in zip(a, b, strict=True))
-
-
 @pytest.fixture(scope="module")
 def plain(tiny_model: Path) -> list[Image.Image]:
-    return draw(load(tiny_model))
+    return draw(load(tiny_model), 2)
 
 
 # -- what a device cannot honour ---------------------------------------------------------------------
@@ -105,17 +93,17 @@ def test_channels_last_and_fused_qkv_draw_the_same_images(tiny_model: Path, plai
     unet = model.txt2img.unet
     assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert any("Fused" in type(p).__name__ for p in unet.attn_processors.values())
-    assert max_diff(plain, draw(model)) <= 2
+    assert max_diff(plain, draw(model, 2)) <= 2
     lora_ready(model, "tiny")  # LoRA adapters need the separate projections back
     assert not any("Fused" in type(p).__name__ for p in unet.attn_processors.values())
-    assert max_diff(plain, draw(model)) <= 2
+    assert max_diff(plain, draw(model, 2)) <= 2
 
 
 def test_model_offload_draws_the_same_images(tiny_model: Path, plain: list[Image.Image]) -> None:
     """Offloading's hooks around the engine's own loop (executed on the CPU here: a GPU moves weights)."""
     model = load(tiny_model, offload="model")
     assert model.offload == "model" and hasattr(model.txt2img.unet, "_hf_hook")
-    assert max_diff(plain, draw(model)) == 0
+    assert max_diff(plain, draw(model, 2)) == 0
 
 
 def test_int8_weights_draw_nearly_the_same_images_in_less_memory(tiny_model: Path, plain: list[Image.Image]) -> None:
@@ -123,7 +111,7 @@ def test_int8_weights_draw_nearly_the_same_images_in_less_memory(tiny_model: Pat
     model = load(tiny_model, quantize="int8")
     linear = model.txt2img.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
     assert "Int8" in type(linear.weight).__name__
-    images = draw(model)
+    images = draw(model, 2)
     assert max_diff(plain, images) <= 16  # 8-bit weights: small, visible-only-on-close-look changes
     mean = np.mean(
         [np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() for a, b in zip(plain, images, strict=True)]
@@ -143,9 +131,9 @@ def test_compiled_sizes_are_warmed_up_at_load_and_other_sizes_never_recompile(
         assert model.splitter is not None and model.splitter.buckets == (1, 2, 4)
         compiled = counters["stats"]["unique_graphs"]
         assert compiled > 0  # the warm-up compiled before the model served
-        assert max_diff(plain, draw(model, images=2)) <= 2  # 4 rows: a warmed-up bucket
-        draw(model, images=1, side=64)  # 2 rows
-        draw(model, images=2, side=128)  # a size not configured: runs uncompiled
+        assert max_diff(plain, draw(model, 2)) <= 2  # 4 rows: a warmed-up bucket
+        draw(model, 1, side=64)  # 2 rows
+        draw(model, 2, side=128)  # a size not configured: runs uncompiled
         assert counters["stats"]["unique_graphs"] == compiled
     finally:
         torch.compiler.set_stance("default")
