@@ -214,7 +214,7 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="On SIGTERM or Ctrl-C, seconds to finish queued and running work"
     )
 
-    @field_validator("cors_origins", "preload", "allowed_hosts", "webhook_allowed_hosts", mode="before")
+    @field_validator("cors_origins", "preload", "allowed_hosts", "webhook_allowed_hosts", "compile_sizes", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         # SDSERVER_CORS_ORIGINS=a,b in the environment; lists in config.json
@@ -372,6 +372,75 @@ class Settings(BaseSettings):
         if value is not None and not re.match(r"^https?://[^/\s]+", value):
             raise ValueError(f"public_url must start with http:// or https:// and a host, got {value!r}")
         return value.rstrip("/") if value else value
+
+    # Speed and memory (issue 15): resolved for the device by engine/speed.py; "auto" picks by what is known
+    channels_last: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Keep the UNet and VAE weights in channels-last layout (faster convolutions on NVIDIA tensor "
+        "cores); auto: on with CUDA",
+    )
+    fuse_qkv: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Fuse each attention's query/key/value projections into one matmul where the model allows "
+        "(undone for a model once a LoRA is used on it); auto: on with CUDA",
+    )
+    tf32: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="TF32 matmuls for float32 work (NVIDIA Ampere and newer only); auto: on where supported",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the denoiser's repeated blocks and the VAE decoder, for the sizes in "
+        "compile_sizes, before /ready says ready (start-up takes longer; other sizes run uncompiled)",
+    )
+    compile_sizes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="WIDTHxHEIGHT sizes compiled at start-up, comma-separated (default: each loaded model's "
+        "native size)",
+    )
+    offload: Literal["auto", "none", "model", "sequential"] = Field(
+        default="auto",
+        description="Keep weights in CPU memory and move them to the GPU as needed: model = one model at a "
+        "time, sequential = one layer at a time (slowest, least memory); auto: chosen per model from its size "
+        "and the free GPU memory at load",
+    )
+    vae_tiling: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Decode images in overlapping tiles (bounded memory); auto: above vae_tile_megapixels, or "
+        "when the memory estimate says one image would not fit",
+    )
+    vae_tile_megapixels: float = Field(
+        default=4.2, gt=0, description="With vae_tiling auto, images larger than this many megapixels decode tiled"
+    )
+    attention_slicing: Literal["auto", "on", "off"] = Field(
+        default="auto", description="Compute attention in slices to save memory; auto: on with Apple MPS"
+    )
+    quantize: Literal["none", "int8", "fp8"] = Field(
+        default="none",
+        description="Store the denoiser's linear weights in 8 bits (torchao weight-only; needs `pip install "
+        "torchao`; fp8 needs an NVIDIA Ada/Hopper GPU): about half the memory of fp16 for FLUX and SD 3.5",
+    )
+    memory_limit_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Device memory sdserver may use in all, weights and work (CUDA: a hard cap on torch's "
+        "allocator, e.g. to share a card or to simulate a smaller one); default: all the device has",
+    )
+
+    @field_validator("compile_sizes")
+    @classmethod
+    def _sizes(cls, value: list[str]) -> list[str]:
+        for size in value:
+            parse_size(size)
+        return value
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """(width, height) from "WIDTHxHEIGHT"; ValueError naming the text otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if match is None or int(match[1]) % 8 or int(match[2]) % 8 or not int(match[1]) or not int(match[2]):
+        raise ValueError(f"size {text!r} must be WIDTHxHEIGHT in pixels, multiples of 8, e.g. 1024x1024")
+    return int(match[1]), int(match[2])
 
 
 def read_config_file(path: Path, *, required: bool) -> dict[str, Any]:

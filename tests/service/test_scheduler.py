@@ -44,6 +44,7 @@ class FakeEngine:
         self.steps = steps
         self.fail_on: str | None = None
         self.oom = False
+        self.max_rows: int | None = None
         self.crash_in_finish = False
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
@@ -71,6 +72,11 @@ class FakeEngine:
 
     def admit(self, request: GenerationRequest) -> FakeState:
         return FakeState(request, total=min(request.steps or self.steps, self.steps))
+
+    def fits(self, states: Sequence[FakeState], requests: Sequence[GenerationRequest]) -> bool:
+        """A memory budget of `max_rows` images per step (None: no budget)."""
+        rows = sum(state.request.num_images for state in states if not state.done)
+        return self.max_rows is None or rows + sum(r.num_images for r in requests) <= self.max_rows
 
     def step(self, states: Sequence[FakeState]) -> None:
         self.calls.append([state.request.prompt for state in states])
@@ -198,6 +204,18 @@ class TestStepBatching:
             job.wait(5)
         assert all(len([p for p in call if p.startswith("p")]) <= 1 for call in engine.calls)
         assert ["blocker", "p0"] in engine.calls
+
+    def test_the_running_set_grows_only_while_the_engine_says_it_fits(
+        self, engine: FakeEngine, step_scheduler: Scheduler
+    ) -> None:
+        engine.max_rows = 2  # a memory budget of two images per step (max_batch_size allows 4)
+        hold(engine, step_scheduler)
+        jobs = [step_scheduler.submit(request(f"p{i}")) for i in range(3)]
+        engine.gate.set()
+        for job in jobs:
+            job.wait(5)
+        assert all(len(call) <= 2 for call in engine.calls)
+        assert ["blocker", "p0"] in engine.calls and ["p1", "p2"] in engine.calls
 
     def test_another_model_waits_a_bounded_number_of_steps(self, engine: FakeEngine, step_scheduler: Scheduler) -> None:
         engine.steps = 5

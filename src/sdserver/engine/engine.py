@@ -24,6 +24,7 @@ from sdserver.engine.loaders import LoadedPipelines
 from sdserver.engine.loras import LoraLibrary, applied
 from sdserver.engine.registry import ModelSpec, Registry, specs_from_settings
 from sdserver.engine.session import Session, failures
+from sdserver.engine.speed import Tuning, lora_ready
 from sdserver.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class Engine:
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:
         device = pick_device(settings.device)
+        tuning = Tuning.from_settings(settings, device)
+        tuning.apply_globally(device)
         registry = Registry(
             specs_from_settings(settings),
             device=device,
@@ -61,6 +64,7 @@ class Engine:
             max_loaded=settings.max_loaded_models,
             max_memory_bytes=int(settings.max_memory_gb * 1e9) if settings.max_memory_gb is not None else None,
             models_dir=settings.models_dir,
+            tuning=tuning,
         )
         return cls(
             registry,
@@ -113,9 +117,11 @@ class Engine:
         with (
             self.registry.use(name) as model,
             failures(self.registry.device),
-            applied(self.loras, model, loras),
         ):
-            yield Session(model, name, self.model_hash)
+            if loras:
+                lora_ready(model, name)
+            with applied(self.loras, model, loras):
+                yield Session(model, name, self.model_hash)
 
     def run(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[GeneratedImage]]:
         """Run prepared requests (one model, one LoRA set) together, a denoising step at a time;

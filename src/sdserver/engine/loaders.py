@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import diffusers
 import torch
@@ -28,6 +28,10 @@ from sdserver.engine.families.base import Description, FileOptions
 from sdserver.engine.flowfiles import read_flow_shapes
 from sdserver.engine.safety import SafetyChecker
 from sdserver.settings import DEMO_MODEL, is_hub_id, is_single_file, looks_like_path
+
+if TYPE_CHECKING:
+    from sdserver.engine.memory import Decoder, MemoryModel, RowSplitter
+    from sdserver.engine.speed import Tuning
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,12 @@ class LoadedPipelines:
     memory_bytes: int  # parameters and buffers of this model's own components
     default_steps: int = DEFAULT_STEPS  # what a request that names none gets (the family's, e.g. FLUX schnell: 4)
     default_guidance: float = 7.5
+    # Speed and memory (engine/speed.py, engine/memory.py)
+    owns_checker: bool = True  # False: the checker is borrowed from the base model (and placed by it)
+    offload: str = "none"  # none, model or sequential
+    memory: MemoryModel | None = field(default=None, repr=False)  # None: no budget to keep (CPU, no limit)
+    splitter: RowSplitter | None = field(default=None, repr=False)
+    decoder: Decoder | None = field(default=None, repr=False)
 
     @property
     def inpainting_unet(self) -> bool:
@@ -80,7 +90,8 @@ class LoadedPipelines:
 
     @property
     def device(self) -> torch.device:
-        device: torch.device = self.txt2img.device
+        """Where the model computes (with offloading, its weights rest on the CPU meanwhile)."""
+        device: torch.device = self.txt2img._execution_device
         return device
 
 
@@ -144,9 +155,15 @@ def load_pipelines(
     prediction_type: Prediction | None = None,
     encoders: str | None = None,
     family_encoders: dict[str, str] | None = None,
+    tuning: Tuning | None = None,
+    pipe: Any = None,
 ) -> LoadedPipelines:
     """Load `source` onto `device`; borrow `checker_from`'s safety checker if it has none of its own.
-    `encoders` (or `family_encoders[family]`) lends an SD3/FLUX single file the parts it lacks."""
+    `encoders` (or `family_encoders[family]`) lends an SD3/FLUX single file the parts it lacks.
+    `tuning`: the speed switches and memory modes applied as it loads (engine/speed.py). `pipe`: a pipeline
+    already built in memory (bench/gpu.py's random-weight models), used instead of reading `source`."""
+    if pipe is not None:
+        return _assemble(pipe, source, device, checker_from, prediction_type, tuning)
     location, form = resolve_source(source)
     options = FileOptions(prediction_type, encoders, dict(family_encoders or {}), token)
     try:
@@ -159,6 +176,19 @@ def load_pipelines(
         raise
     except Exception as exc:  # diffusers raises many kinds (OSError, ValueError, hub errors)
         raise ModelLoadError(_load_failure(source, form == "hub", exc)) from exc
+    return _assemble(pipe, source, device, checker_from, prediction_type, tuning)
+
+
+def _assemble(
+    pipe: Any,
+    source: str,
+    device: torch.device,
+    checker_from: LoadedPipelines | None,
+    prediction_type: Prediction | None,
+    tuning: Tuning | None,
+) -> LoadedPipelines:
+    from sdserver.engine import speed
+
     family = families.for_pipeline(pipe)
     if family is None:
         raise UnsupportedModel(
@@ -168,12 +198,15 @@ def load_pipelines(
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     checker = SafetyChecker.of(pipe) or (checker_from.checker if checker_from is not None else None)
+    tuning = tuning or speed.Tuning()
+    digest = weights_hash(family.denoiser(pipe))  # of the weights as loaded (before any quantisation)
+    offload = speed.prepare(pipe, family, device, tuning, source)
+    placement = device if offload == "none" else torch.device("cpu")  # offloading: the hooks move weights
     if checker is not None and checker_from is None:
-        checker.model.to(device)
-    txt2img, img2img, inpaint = family.pipelines(pipe, device)
-    denoiser = family.denoiser(txt2img)
+        checker.model.to(placement)
+    txt2img, img2img, inpaint = family.pipelines(pipe, placement)
     steps, guidance = family.defaults(txt2img)
-    return LoadedPipelines(
+    loaded = LoadedPipelines(
         txt2img=txt2img,
         img2img=img2img,
         inpaint=inpaint,
@@ -181,11 +214,14 @@ def load_pipelines(
         checker=checker,
         description=Description(family.kind_of(txt2img), family.is_inpainting(txt2img)),
         native_size=family.native_size(txt2img),
-        weights_hash=weights_hash(denoiser),
+        weights_hash=digest,
         memory_bytes=_memory_bytes(txt2img, checker if checker_from is None else None),
         default_steps=_default_steps(Path(location) if form == "folder" else None, steps),
         default_guidance=guidance,
+        owns_checker=checker_from is None,
     )
+    speed.finish(loaded, device, tuning, offload, source)
+    return loaded
 
 
 def _default_steps(folder: Path | None, family_steps: int) -> int:

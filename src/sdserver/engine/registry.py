@@ -36,6 +36,7 @@ from sdserver.core.errors import (
 from sdserver.engine.architectures import Prediction
 from sdserver.engine.device import free_device_memory, release_host_memory
 from sdserver.engine.loaders import Description, LoadedPipelines, describe_source, load_pipelines, resolve_source
+from sdserver.engine.speed import Tuning
 from sdserver.settings import DEFAULT_MODEL, DEMO_MODEL, Settings, is_single_file, is_url_safe
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ class Registry:
         max_loaded: int = 3,
         max_memory_bytes: int | None = None,
         models_dir: str | None = None,
+        tuning: Tuning | None = None,
     ):
         self._lock = threading.RLock()
         self._configured = list(specs)
@@ -180,6 +182,7 @@ class Registry:
         self.load_count = 0
         self.unload_count = 0
         self.device, self.dtype, self._token = device, dtype, token
+        self.tuning = tuning  # speed switches and memory modes applied to each model as it loads
         self._encoders = dict(encoders or {})  # per family: what SD3/FLUX single files may borrow
         self.refresh()
 
@@ -377,6 +380,7 @@ class Registry:
             token=self._token,
             checker_from=borrow,
             prediction_type=spec.prediction_type,
+            tuning=self.tuning,
             encoders=spec.encoders,
             family_encoders=self._encoders,
         )

@@ -21,6 +21,7 @@ from sdserver.core.types import GeneratedImage, GenerationRequest, PreparedReque
 from sdserver.engine.device import free_device_memory, is_out_of_memory
 from sdserver.engine.families import Family, State, denoise
 from sdserver.engine.loaders import LoadedPipelines
+from sdserver.engine.speed import before_encode
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,42 @@ class Session:
     def admit(self, request: PreparedRequest) -> State:
         """Encode the prompts and start the request's state (its scheduler, timesteps, initial latents)."""
         with failures(self.model.device), torch.no_grad():
+            before_encode(self.model)
             return self.family.start(self.model, request, self.family.encode(self.model, request))
 
+    def fits(self, states: Sequence[State], requests: Sequence[PreparedRequest]) -> bool:
+        """Whether `requests` can join `states` (one size) and a step over all of them still be one denoiser
+        forward within the device memory free now; always where there is no budget to keep."""
+        memory = self.model.memory
+        if memory is None or not requests:
+            return True
+        cfg = self.family.options.guidance == "cfg"
+        rows = sum(state.denoiser_rows for state in states if not state.done)
+        rows += sum(r.num_images * (2 if cfg and r.guidance_scale > 1 else 1) for r in requests)
+        return rows <= memory.denoiser_rows(requests[0].width * requests[0].height)
+
     def step(self, states: Sequence[State]) -> None:
-        """One denoising step for every state, in one denoiser forward."""
+        """One denoising step for every state, in one denoiser forward (several, where memory is short)."""
         with failures(self.model.device), torch.no_grad():
             denoise(self.family, self.model, states)
+            if self.model.device.type == "cuda":
+                for state in states:
+                    if "preview_buffer" in state.extra:
+                        _snapshot(state)
 
     def previews(self, state: State) -> list[Image.Image]:
-        """Cheap previews of a state's current latents, one per image."""
-        return self.family.previews(state.latents, state)
+        """Cheap previews of a state's latents, one per image. On CUDA they come from a copy taken after
+        the previous step without waiting for the GPU, so asking never stalls the queued work (a preview
+        is then one step behind the progress it is reported with)."""
+        if self.model.device.type != "cuda":
+            return self.family.previews(state.latents, state)
+        if "preview_buffer" not in state.extra:  # the first one: wait, and snapshot every step from now on
+            state.extra["preview_buffer"] = torch.empty(state.latents.shape, dtype=state.latents.dtype, pin_memory=True)
+            return self.family.previews(state.latents, state)
+        if "preview_event" not in state.extra:  # asked again before the next step
+            return self.family.previews(state.latents, state)
+        state.extra["preview_event"].synchronize()
+        return self.family.previews(state.extra["preview_buffer"], state)
 
     def finish(self, states: Sequence[State]) -> list[list[GeneratedImage]]:
         """Decode finished states (one VAE call), run the safety checker, put back the pixels outside
@@ -97,6 +124,18 @@ def failures(device: torch.device) -> Iterator[None]:
             raise OutOfMemory(f"the {device.type} device ran out of memory; try fewer or smaller images") from exc
         log.exception("generation failed")
         raise GenerationError(f"generation failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _snapshot(state: State) -> None:
+    """Queue a copy of the latents to pinned CPU memory behind the step that made them."""
+    buffer: torch.Tensor = state.extra["preview_buffer"]
+    event = state.extra.get("preview_event")
+    if event is not None:
+        event.synchronize()  # the last copy is done before its buffer is overwritten (one step ago: no stall)
+    buffer.copy_(state.latents, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    state.extra["preview_event"] = event
 
 
 def _restored(image: Image.Image, request: GenerationRequest) -> Image.Image:

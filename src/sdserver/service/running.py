@@ -40,6 +40,8 @@ class StateLike(Protocol):
 class SessionLike(Protocol):
     def admit(self, request: Any) -> Any: ...
 
+    def fits(self, states: Sequence[Any], requests: Sequence[Any]) -> bool: ...
+
     def step(self, states: Sequence[Any]) -> None: ...
 
     def previews(self, state: Any) -> list[Image.Image]: ...
@@ -74,6 +76,10 @@ class RunningSet:
     @property
     def jobs(self) -> list[Job]:
         return [member.job for member in self.members]
+
+    def fits(self, requests: Sequence[GenerationRequest]) -> bool:
+        """Whether `requests` can join and the next step still be one denoiser forward within memory."""
+        return self.session.fits([member.state for member in self.members], requests)
 
     def admit(self, job: Job) -> None:
         """Encode the job's prompts and prepare its latents; a job that cannot start fails alone."""

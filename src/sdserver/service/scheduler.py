@@ -312,7 +312,7 @@ class Scheduler:
                 running = RunningSet(session, self.metrics, self._cancelled)
                 running.admit(first)
                 while running.members:
-                    joiners = self._joiners(key, room=self.max_batch_size - running.rows)
+                    joiners = self._joiners(key, self.max_batch_size - running.rows, running.fits)
                     for job in joiners:
                         running.admit(job)
                     self.metrics.joins_per_step.observe(len(joiners))
@@ -330,18 +330,25 @@ class Scheduler:
         finally:
             self._set_running([])
 
-    def _joiners(self, key: tuple[object, ...], room: int) -> list[Job]:
-        """Waiting jobs that can join the running set now, oldest first, up to `room` images. None once a
-        job that cannot join has waited `switch_after_steps` steps: the set then drains, and it goes next."""
+    def _joiners(
+        self, key: tuple[object, ...], room: int, fits: Callable[[Sequence[GenerationRequest]], bool]
+    ) -> list[Job]:
+        """Waiting jobs that can join the running set now, oldest first, up to `room` images and while the
+        engine says a step over them all `fits` in memory. None once a job that cannot join has waited
+        `switch_after_steps` steps: the set then drains, and it goes next."""
         with self._wakeup:
             if self._stopping:
                 return []
             blocked = next((job for job in self._queue if group_key(job.request) != key), None)
             if blocked is not None and self._ticks - blocked.arrival_tick >= self.switch_after_steps:
                 return []
-            taken = []
+            taken: list[Job] = []
             for job in list(self._queue):
-                if group_key(job.request) == key and job.request.num_images <= room:
+                if (
+                    group_key(job.request) == key
+                    and job.request.num_images <= room
+                    and fits([*(taken_job.request for taken_job in taken), job.request])
+                ):
                     self._queue.remove(job)
                     taken.append(job)
                     room -= job.request.num_images

@@ -150,10 +150,10 @@ class Flux(Family):
             scheduler.config.get("base_shift", 0.5),
             scheduler.config.get("max_shift", 1.15),
         )
-        state.timesteps, _ = retrieve_timesteps(scheduler, steps, pipe.device, sigmas=sigmas, mu=mu)
+        state.timesteps, _ = retrieve_timesteps(scheduler, steps, pipe._execution_device, sigmas=sigmas, mu=mu)
         if cut:
             strength = 1.0 if request.task is Task.TXT2IMG else request.strength
-            state.timesteps, _ = pipe.get_timesteps(steps, strength, pipe.device)
+            state.timesteps, _ = pipe.get_timesteps(steps, strength, pipe._execution_device)
         else:
             scheduler.set_begin_index(0)
 
