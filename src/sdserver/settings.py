@@ -214,7 +214,9 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="On SIGTERM or Ctrl-C, seconds to finish queued and running work"
     )
 
-    @field_validator("cors_origins", "preload", "allowed_hosts", "webhook_allowed_hosts", "compile_sizes", mode="before")
+    @field_validator(
+        "cors_origins", "preload", "allowed_hosts", "webhook_allowed_hosts", "compile_sizes", mode="before"
+    )
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         # SDSERVER_CORS_ORIGINS=a,b in the environment; lists in config.json

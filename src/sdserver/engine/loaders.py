@@ -176,7 +176,8 @@ def load_pipelines(
         raise
     except Exception as exc:  # diffusers raises many kinds (OSError, ValueError, hub errors)
         raise ModelLoadError(_load_failure(source, form == "hub", exc)) from exc
-    return _assemble(pipe, source, device, checker_from, prediction_type, tuning)
+    folder = Path(location) if form == "folder" else None
+    return _assemble(pipe, source, device, checker_from, prediction_type, tuning, folder)
 
 
 def _assemble(
@@ -186,6 +187,7 @@ def _assemble(
     checker_from: LoadedPipelines | None,
     prediction_type: Prediction | None,
     tuning: Tuning | None,
+    folder: Path | None = None,
 ) -> LoadedPipelines:
     from sdserver.engine import speed
 
@@ -216,7 +218,7 @@ def _assemble(
         native_size=family.native_size(txt2img),
         weights_hash=digest,
         memory_bytes=_memory_bytes(txt2img, checker if checker_from is None else None),
-        default_steps=_default_steps(Path(location) if form == "folder" else None, steps),
+        default_steps=_default_steps(folder, steps),
         default_guidance=guidance,
         owns_checker=checker_from is None,
     )

@@ -107,8 +107,6 @@ def _check(settings: Settings, device: torch.device, capability: tuple[int, int]
         if problem:
             raise ConfigError(f"compile: {problem}; leave compile off")
     if settings.quantize != "none":
-        if importlib.util.find_spec("torchao") is None:
-            raise ConfigError(f"quantize: {settings.quantize} needs torchao (pip install torchao), not installed")
         if settings.quantize == "fp8" and kind == "mps":
             raise ConfigError("quantize: fp8 does not run on mps; use int8")
         if settings.quantize == "fp8" and kind == "cuda" and capability < (8, 9):
@@ -116,6 +114,8 @@ def _check(settings: Settings, device: torch.device, capability: tuple[int, int]
                 f"quantize: fp8 needs an NVIDIA Ada or Hopper GPU (compute capability 8.9+), this one is "
                 f"{capability[0]}.{capability[1]}; use int8"
             )
+        if importlib.util.find_spec("torchao") is None:  # after what no install could fix
+            raise ConfigError(f"quantize: {settings.quantize} needs torchao (pip install torchao), not installed")
     if settings.memory_limit_gb is not None and kind == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory / GB
         if settings.memory_limit_gb > total:

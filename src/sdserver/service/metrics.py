@@ -37,7 +37,8 @@ class Metrics:
         )
         self.batch_images = Histogram(
             "sdserver_batch_images",
-            "Images per pipeline call",
+            "Images per batch: per pipeline call (request batching), or in the running set as each request "
+            "joins it (step batching)",
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )

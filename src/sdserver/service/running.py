@@ -91,6 +91,7 @@ class RunningSet:
             job.fail(exc)
             return
         self.members.append(Member(job, state))
+        self.metrics.batch_images.observe(self.rows)
 
     def tick(self) -> None:
         """One denoising step for every member, then progress, previews and the finished ones."""
