@@ -17,6 +17,7 @@ import uvicorn
 from rich.logging import RichHandler
 
 from sdserver.core.errors import ConfigError, ModelLoadError
+from sdserver.settings import Settings
 
 app = typer.Typer(help="sdserver: a local Stable Diffusion inference server.", no_args_is_help=True)
 
@@ -82,6 +83,14 @@ def serve(
         float | None, typer.Option(help="Seconds to finish queued work on SIGTERM (default 30)")
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+    # Scale-out (issue 16): the other Ray settings come from the environment or config.json until the
+    # options are generated from the settings (issue 11).
+    ray: Annotated[bool | None, typer.Option("--ray/--no-ray", help="Serve from Ray Serve engine replicas")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join; none: start a local Ray")] = None,
+    replicas: Annotated[int | None, typer.Option(help="Engine replicas (default: one per GPU, or 1)")] = None,
+    min_replicas: Annotated[int | None, typer.Option(help="Autoscaling: fewest engine replicas")] = None,
+    max_replicas: Annotated[int | None, typer.Option(help="Autoscaling: most engine replicas")] = None,
+    gpus_per_replica: Annotated[float | None, typer.Option(help="GPUs per engine replica (default 1; 0: CPU)")] = None,
 ) -> None:
     """Load the models and serve the API."""
     _configure_logging(log_level)  # first: it quiets the libraries imported below
@@ -122,7 +131,16 @@ def serve(
             cors_origins=cors_origin or None,
             max_body_mb=max_body_mb,
             drain_timeout=drain_timeout,
+            ray=ray,
+            ray_address=ray_address,
+            replicas=replicas,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+            gpus_per_replica=gpus_per_replica,
         )
+        if settings.ray:
+            _serve_on_ray(settings)
+            return
         engine = Engine.from_settings(settings)
         engine.load()
     except (ConfigError, ModelLoadError) as exc:
@@ -153,6 +171,14 @@ def serve(
     if fatal.is_set():
         log.error("exiting because the worker thread died (a supervisor should restart the server)")
         raise typer.Exit(1)
+
+
+def _serve_on_ray(settings: Settings) -> None:
+    from sdserver.cluster.launch import serve_on_ray
+
+    status = serve_on_ray(settings)
+    if status:
+        raise typer.Exit(status)
 
 
 class GracefulServer(uvicorn.Server):
