@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sdserver.core.errors import ConfigError
-from sdserver.settings import Settings, is_hub_id, load_settings
+from sdserver.settings import Settings, load_settings
 
 from .ingress import Ingress
 from .replica import EngineReplica, Resident, replica_queue
@@ -109,25 +109,3 @@ def build_app(args: dict[str, Any]) -> Any:
     values = dict(args)
     config = values.pop("config", None)
     return build(load_settings(Path(config) if config else None, **values))
-
-
-def with_absolute_paths(settings: Settings) -> Settings:
-    """Local paths made absolute (the replicas do not run in this working directory)."""
-
-    def absolute(value: str | None) -> str | None:
-        if value is None or is_hub_id(value) or value == "demo":
-            return value
-        path = Path(value).expanduser()
-        return str(path.resolve()) if path.exists() else value
-
-    customs = [model.model_copy(update={"model_path": absolute(model.model_path)}) for model in settings.custom_models]
-    return settings.model_copy(
-        update={
-            "model": absolute(settings.model),
-            "models_dir": absolute(settings.models_dir),
-            "loras_dir": absolute(settings.loras_dir),
-            "outputs_dir": str(Path(settings.outputs_dir).expanduser().resolve()),
-            "encoders": {family: absolute(source) or source for family, source in settings.encoders.items()},
-            "custom_models": customs,
-        }
-    )

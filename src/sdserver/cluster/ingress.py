@@ -4,6 +4,8 @@ studio, the docs), with a backend that sends generation to the engine replicas."
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from typing import Any
 
 from fastapi import FastAPI
@@ -38,9 +40,7 @@ class ClusterBackend:
         self.scheduler: ClusterScheduler | None = None
 
     async def start(self, app: FastAPI, metrics: Metrics) -> ClusterScheduler:
-        from ray import serve
-
-        self.cluster.ingress_id = serve.get_replica_context().replica_id.unique_id
+        self.cluster.ingress_id = _member_id()
         own = metrics.registry
         metrics.registry = cluster_registry(self.cluster, own, lambda: self.cluster.ingress_id)
         await self.cluster.board.reconfigure.remote(self.settings)
@@ -55,6 +55,17 @@ class ClusterBackend:
             await run_in_threadpool(self.scheduler.drain, self.settings.drain_timeout)
             await self.scheduler.stop()
         self.history.close()
+
+
+def _member_id() -> str:
+    """This Serve replica's id; outside Serve (an ingress in another Ray driver): host and process."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except RayServeException:
+        return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class Ingress:

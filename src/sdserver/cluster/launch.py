@@ -13,10 +13,11 @@ import os
 import signal
 import socket
 import threading
+from pathlib import Path
 from urllib.parse import urlparse
 
 from sdserver.core.errors import ConfigError
-from sdserver.settings import Settings
+from sdserver.settings import Settings, is_hub_id
 
 from .board import NAMESPACE, board_name
 
@@ -33,13 +34,11 @@ def serve_on_ray(settings: Settings) -> int:
     except ImportError:
         log.error("cannot start: --ray needs Ray Serve: pip install 'sdserver[ray]'")
         return 2
-    from .app import with_absolute_paths
-
-    settings = with_absolute_paths(settings)
     problem = unreachable(settings.ray_address)
     if problem is not None:
         log.error("cannot start: %s", problem)
         return 2
+    settings = with_absolute_paths(settings)
     started_here = settings.ray_address is None
     if started_here:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, local Ray: no token to hand out
@@ -96,6 +95,28 @@ def _tear_down(settings: Settings) -> None:
         log.warning("deleting the application: %s", _one_line(exc))
     with contextlib.suppress(ValueError):  # ValueError: no board was created
         ray.kill(ray.get_actor(board_name(settings.ray_app_name), namespace=NAMESPACE))
+
+
+def with_absolute_paths(settings: Settings) -> Settings:
+    """Local paths made absolute (the replicas do not run in this working directory)."""
+
+    def absolute(value: str | None) -> str | None:
+        if value is None or is_hub_id(value) or value == "demo":
+            return value
+        path = Path(value).expanduser()
+        return str(path.resolve()) if path.exists() else value
+
+    customs = [model.model_copy(update={"model_path": absolute(model.model_path)}) for model in settings.custom_models]
+    return settings.model_copy(
+        update={
+            "model": absolute(settings.model),
+            "models_dir": absolute(settings.models_dir),
+            "loras_dir": absolute(settings.loras_dir),
+            "outputs_dir": str(Path(settings.outputs_dir).expanduser().resolve()),
+            "encoders": {family: absolute(source) or source for family, source in settings.encoders.items()},
+            "custom_models": customs,
+        }
+    )
 
 
 def unreachable(address: str | None) -> str | None:

@@ -10,6 +10,7 @@ board (the Reporter, coalesced every 0.1 s). The answer to the ingress is the fi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from sdserver.api.app import add_engine_gauges
-from sdserver.core.errors import SDServerError
+from sdserver.core.errors import NotFound, SDServerError
 from sdserver.engine import Engine
 from sdserver.engine.device import describe_device
 from sdserver.engine.registry import Registry
@@ -51,7 +52,7 @@ class Resident:
         try:
             self.registry.unload(self.name)
         except SDServerError as exc:  # the base model, or in use: the registry's own budget decides later
-            log.info("model %r stays loaded: %s", self.name, exc.message)
+            log.debug("model %r stays loaded: %s", self.name, exc.message)
 
     def __del__(self) -> None:  # Serve calls it when it drops the model
         self.release()
@@ -108,7 +109,8 @@ class Reporter:
                 self._mark_all(dirty)
                 raise
             for job_id in drop:
-                self.scheduler.cancel(live[job_id].id)
+                with contextlib.suppress(NotFound):  # already gone from this replica's store
+                    self.scheduler.cancel(live[job_id].id)
             with self._lock:
                 for update in updates:
                     if update.status.finished:
@@ -277,8 +279,14 @@ def _load_engine(settings: Settings) -> Engine:
 
 
 def _log_to_stderr(settings: Settings) -> None:
-    """sdserver's log lines go to the worker's stderr (Ray forwards them to the driver and log files)."""
+    """sdserver's log lines go to the worker's stderr (Ray forwards them to the driver and log files);
+    no progress bars from the libraries (as `sdserver serve`)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     logger = logging.getLogger("sdserver")
     if not logger.handlers:
         handler = logging.StreamHandler()

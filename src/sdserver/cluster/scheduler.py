@@ -240,7 +240,8 @@ class ClusterScheduler:
 
     async def _heartbeat(self, after: int) -> int:
         """Tell the board this ingress lives (with its metrics), obey its commands, refresh the snapshot."""
-        member = Member(id=self.cluster.ingress_id, kind="ingress", pid=_pid(), metrics=self.own_metrics())
+        member = Member(id=self.cluster.ingress_id, kind="ingress", pid=os.getpid(), metrics=self.own_metrics())
+        member.node_id, member.node_ip = _node()
         commands = await self.cluster.board.heartbeat.remote(member, after)
         for number, kind, _ in commands:
             after = number
@@ -261,5 +262,7 @@ def replica_died(exc: BaseException) -> bool:
     return isinstance(exc, deaths) or (isinstance(exc, RayTaskError) and isinstance(exc.cause, deaths))
 
 
-def _pid() -> int:
-    return os.getpid()
+def _node() -> tuple[str, str]:
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
