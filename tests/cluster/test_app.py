@@ -3,13 +3,16 @@ stand-ins keeping the surface of the single server's objects (no Ray started her
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from sdserver.cluster.app import plan
 from sdserver.cluster.history import RemoteHistory
@@ -92,3 +95,18 @@ def test_the_remote_history_takes_what_the_local_one_takes(name: str) -> None:
     assert list(inspect.signature(getattr(History, name)).parameters) == list(
         inspect.signature(getattr(RemoteHistory, name)).parameters
     )
+
+
+def test_the_readme_shows_the_kuberay_manifest_and_its_settings_are_valid() -> None:
+    root = Path(__file__).resolve().parents[2]
+    manifest = (root / "deploy" / "rayservice.yaml").read_text()
+    assert f"```yaml\n{manifest}```" in (root / "README.md").read_text()
+    service = yaml.safe_load(manifest)
+    (application,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    module, name = application["import_path"].split(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    settings = Settings(**application["args"])
+    sizes = plan(settings, gpus_visible=4)
+    assert (sizes.min_replicas, sizes.max_replicas, sizes.gpus_per_replica) == (1, 4, 1)
+    workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert workers["maxReplicas"] >= sizes.max_replicas, "a GPU pod for each replica at most"

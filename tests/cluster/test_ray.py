@@ -1,6 +1,6 @@
-"""`sdserver serve --ray` for real: a Ray cluster of two nodes on this machine (ray.cluster_utils),
-two engine replicas on the CPU with tiny models, the HTTP ingress on Ray Serve, and a second ingress
-in this process (an ingress anywhere reads, streams and cancels any job).
+"""`sdserver serve --ray` for real: a Ray cluster of two nodes on this machine (ray.cluster_utils), the
+command joined to it with two engine replicas on the CPU and tiny models, the HTTP ingress on Ray
+Serve, and a second ingress in this process (an ingress anywhere reads, streams and cancels any job).
 
 One cluster for the module (Ray takes seconds to start); the test that kills a replica runs last.
 """
@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,7 +25,6 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from sdserver.core.types import Limits
 from sdserver.engine.tiny import make_tiny_model
 from sdserver.settings import Settings
 from tests.conftest import SIZE, decode_png, wait_until
@@ -33,12 +34,11 @@ serve = pytest.importorskip("ray.serve")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from sdserver.api.app import create_app  # noqa: E402
-from sdserver.cluster.app import build  # noqa: E402
 from sdserver.cluster.board import NAMESPACE, board_name  # noqa: E402
 from sdserver.cluster.ingress import ClusterBackend  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
-SLOW_STEPS = 400  # long enough to be caught running (a tiny model step takes milliseconds)
+SLOW_STEPS = 200  # long enough to be caught running (a tiny model step takes milliseconds)
 
 
 @dataclass
@@ -57,6 +57,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
+    """`sdserver serve --ray --replicas 2` joined to a two-node cluster (the README's command, with
+    --ray-address), and a second ingress in this process."""
     models_dir = tmp_path_factory.mktemp("ray-models")
     make_tiny_model(models_dir / "other", seed=11, safety_checker=False)
     patch = pytest.MonkeyPatch()
@@ -67,37 +69,44 @@ def app(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     # A loaded 2-core machine answers Serve's queue-length probes slower than its 0.1 s default; a late
     # answer would route a request past the replica that has its model (the affinity under test).
     patch.setenv("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
+    # Settings without a flag yet come from the environment, as a user would give them.
+    patch.setenv("SDSERVER_REPLICA_QUEUE", "3")  # two running (a batch), one waiting to join, more in the ingress
+    patch.setenv("SDSERVER_MODELS_PER_REPLICA", "2")
+    patch.setenv("SDSERVER_LIMITS__MAX_STEPS", str(SLOW_STEPS))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     cluster.add_node(num_cpus=2)
+    port = _free_port()
+    flags = ["--ray", "--ray-address", cluster.address, "--replicas", "2", "--model", str(tiny_model)]
+    flags += ["--models-dir", str(models_dir), "--max-batch-size", "2", "--drain-timeout", "2", "--port", str(port)]
+    log = tmp_path_factory.mktemp("ray-cli") / "serve.log"
+    with log.open("w") as out:
+        cli = subprocess.Popen([sys.executable, "-m", "sdserver", "serve", *flags], stdout=out, stderr=out)
     ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
-    settings = Settings(
-        model=str(tiny_model),
-        models_dir=str(models_dir),
-        replicas=2,
-        max_batch_size=2,
-        replica_queue=3,  # two running (a batch), one waiting to join, more waiting in the ingress
-        models_per_replica=2,
-        outputs_dir=str(tmp_path_factory.mktemp("ray-outputs")),
-        limits=Limits(max_steps=SLOW_STEPS),
-        drain_timeout=2,
-        port=_free_port(),
-    )
+    settings = Settings(model=str(tiny_model), models_dir=str(models_dir), replicas=2, max_batch_size=2, port=port)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": settings.port})
-        serve.run(build(settings, gpus_visible=0), name=settings.ray_app_name, route_prefix="/")
-        engines = serve.get_deployment_handle("EngineReplica", app_name=settings.ray_app_name)
-        with (
-            httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=120) as http,
-            TestClient(create_app(settings, backend=ClusterBackend(settings, engines))) as other,
-        ):
-            board = ray.get_actor(board_name(settings.ray_app_name), namespace=NAMESPACE)
-            wait_until(lambda: http.get("/ready").status_code == 200, timeout=60)
-            yield RayApp(http, other, settings, board)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            wait_until(lambda: _ready(http, cli, log), timeout=300)
+            engines = serve.get_deployment_handle("EngineReplica", app_name=settings.ray_app_name)
+            with TestClient(create_app(settings, backend=ClusterBackend(settings, engines))) as other:
+                board = ray.get_actor(board_name(settings.ray_app_name), namespace=NAMESPACE)
+                yield RayApp(http, other, settings, board)
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(120) == 0, log.read_text()[-3000:]
+        assert "listening on" in log.read_text()
     finally:
-        serve.shutdown()
+        if cli.poll() is None:
+            cli.kill()
         ray.shutdown()
         cluster.shutdown()
         patch.undo()
+
+
+def _ready(http: httpx.Client, cli: subprocess.Popen[bytes], log: Path) -> bool:
+    assert cli.poll() is None, f"sdserver serve --ray exited:\n{log.read_text()[-3000:]}"
+    try:
+        return http.get("/ready", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def cluster_state(client: httpx.Client | TestClient) -> dict[str, Any]:

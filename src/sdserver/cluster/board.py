@@ -382,6 +382,7 @@ def board_handle(settings: Settings) -> Any:
         namespace=NAMESPACE,
         get_if_exists=True,
         lifetime="detached",
+        max_restarts=-1,  # restarted empty if it ever dies (jobs in flight still end: see ClusterScheduler)
         num_cpus=0,
         max_concurrency=1000,
         resources={"node:__internal_head__": 0.001},

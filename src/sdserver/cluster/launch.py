@@ -69,17 +69,27 @@ def _serve(settings: Settings) -> int:
     described = plan(settings, gpus).describe()
     application = build(settings, gpus)
     log.info("deploying on Ray Serve: %s, %d ingress replica(s)", described, settings.ingress_replicas)
+    stop, serving = threading.Event(), threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        if not serving.is_set():  # still deploying: stop that (the caller tears down)
+            raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     try:
         serve.run(application, name=settings.ray_app_name, route_prefix="/", blocking=False)
     except RuntimeError as exc:
         log.error("cannot start: the application failed to deploy: %s", _one_line(exc))
         return 1
+    except KeyboardInterrupt:
+        log.info("stopped while deploying")
+        return 0
+    serving.set()
     where = f"http://{settings.host}:{settings.port}"
     log.info("listening on %s (Ray Serve application %r)", where, settings.ray_app_name)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     stop.wait()
     log.info("stopping: the replicas finish their work (up to %gs)", settings.drain_timeout)
     return 0

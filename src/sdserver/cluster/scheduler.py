@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 DISPATCH_ATTEMPTS = 8  # a queued job is sent again at most this often when replicas die under it
 WATCH_S = 10.0
 HEARTBEAT_S = 1.0
-MIRRORS_KEPT = 1000  # finished jobs' mirrors kept (the board keeps the jobs themselves)
+MIRRORS_KEPT = 64  # finished jobs' mirrors kept here (the board keeps the jobs and their images)
 
 
 class BoardJobs:
@@ -189,6 +189,21 @@ class ClusterScheduler:
             self._dispatching.discard(future)
 
     async def _dispatch(self, job: Job, work: Work, model: str) -> None:
+        """Send the job to the replicas until it is finished; never leave its waiting clients hanging."""
+        try:
+            await self._send(job, work, model)
+            if not job.done:  # its outcome is on the board (e.g. cancelled while it waited in the ingress)
+                view = await self.cluster.board.view.remote(job.id)
+                if isinstance(view, JobView):
+                    self.mirror(view)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the board unreachable
+            log.warning("job %s: %s: %s", job.id, type(exc).__name__, exc)
+        if not job.done:
+            job.fail(Unavailable("the cluster lost track of this request (its job board restarted); send it again"))
+
+    async def _send(self, job: Job, work: Work, model: str) -> None:
         handle = self.cluster.engines.options(multiplexed_model_id=model)
         board = self.cluster.board
         for attempt in range(DISPATCH_ATTEMPTS):
@@ -198,20 +213,17 @@ class ClusterScheduler:
                 if not replica_died(exc):
                     log.exception("job %s: its engine replica failed", job.id)
                     await board.fail.remote(job.id, GenerationError(f"internal error: {type(exc).__name__}"))
-                    break
+                    return
                 log.warning("job %s: its engine replica stopped (%s)", job.id, type(exc).__name__)
                 if not await board.replica_lost.remote(job.id, self.settings.retry_running):
-                    break
+                    return
                 await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
                 continue
             if view is not None:
                 self.mirror(view)
-            break
-        else:
-            reason = f"no engine replica could run it ({DISPATCH_ATTEMPTS} tries); send it again"
-            await board.fail.remote(job.id, Unavailable(reason))
-        if not job.done:  # the outcome is on the board (e.g. cancelled while it waited)
-            self.mirror(await board.view.remote(job.id))
+            return
+        reason = f"no engine replica could run it ({DISPATCH_ATTEMPTS} tries); send it again"
+        await board.fail.remote(job.id, Unavailable(reason))
 
     async def _watch(self) -> None:
         """Keep the mirrors that have listeners up to date: the board tells of the jobs that changed."""

@@ -100,7 +100,8 @@ class Cluster:
         replicas = {"up": len(snapshot.engines_up), "total": len(snapshot.engines)}
         if self.draining:
             return JSONResponse({"status": "draining", "replicas": replicas}, status_code=503)
-        if not snapshot.engines_up:
+        if not snapshot.engines_up and self.settings.min_replicas != 0:
             return JSONResponse({"status": "no engine replica is up", "replicas": replicas}, status_code=503)
+        # (Autoscaling from zero: requests wait while the first replica starts.)
         body = {"status": "ready", "models": self.model_names(), "queue_depth": snapshot.jobs.get("queued", 0)}
         return JSONResponse({**body, "replicas": replicas})
