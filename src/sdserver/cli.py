@@ -139,6 +139,7 @@ def serve(
             gpus_per_replica=gpus_per_replica,
         )
         if settings.ray:
+            warn_if_exposed(settings)
             _serve_on_ray(settings)
             return
         engine = Engine.from_settings(settings)

@@ -110,3 +110,13 @@ def test_the_readme_shows_the_kuberay_manifest_and_its_settings_are_valid() -> N
     assert (sizes.min_replicas, sizes.max_replicas, sizes.gpus_per_replica) == (1, 4, 1)
     workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     assert workers["maxReplicas"] >= sizes.max_replicas, "a GPU pod for each replica at most"
+
+
+def test_the_single_process_server_imports_nothing_of_ray() -> None:
+    code = (
+        "import sys; from sdserver.api.app import create_app; from sdserver.cli import app;"
+        "from sdserver.settings import Settings; create_app(Settings(model='demo'));"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'sdserver.cluster'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip() == "[]"

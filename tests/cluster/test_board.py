@@ -7,13 +7,14 @@ import asyncio
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 from PIL import Image
 
 from sdserver.cluster import board as board_module
 from sdserver.cluster.board import JobBoard
+from sdserver.cluster.scheduler import ClusterScheduler
 from sdserver.cluster.views import JobView, Member, Update, apply, mirror_of
 from sdserver.core.errors import Cancelled, InvalidRequest, NotFound, Overloaded, Unavailable
 from sdserver.core.types import GeneratedImage, GenerationRequest, GenerationResult, Progress
@@ -257,3 +258,18 @@ def _view(board: JobBoard, job_id: str) -> JobView:
     view = run(board.view(job_id))
     assert isinstance(view, JobView)
     return view
+
+
+def test_an_older_view_never_undoes_a_newer_one_but_the_outcome_always_lands(board: JobBoard) -> None:
+    scheduler = ClusterScheduler(cast(Any, None), cast(Any, None), Settings(), lambda: b"")
+    add(board, "j1")
+    queued = _view(board, "j1")
+    run(board.claim("j1", "replica-1"))
+    run(board.sync("replica-1", [Update("j1", JobStatus.RUNNING, time.time(), progress=Progress(1, 4))], []))
+    running = _view(board, "j1")
+    mirror = scheduler.mirror(running)
+    assert scheduler.mirror(queued) is mirror and mirror.status is JobStatus.RUNNING
+    result = GenerationResult("tiny", [GeneratedImage(image(), 7, False)])
+    answer = JobView("j1", JobStatus.SUCCEEDED, REQUEST, None, 0.0, 1.0, 2.0, result=result)  # a replica's, no version
+    scheduler.mirror(answer)
+    assert mirror.status is JobStatus.SUCCEEDED and mirror.wait(0) is result

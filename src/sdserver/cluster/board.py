@@ -58,6 +58,7 @@ class _Meta:
     followers: set[str] = field(default_factory=set)  # ingresses to tell of its changes
     replica: str | None = None  # the engine replica that claimed it
     preview_seq: int = 0
+    version: int = 0  # changes so far
     reruns: int = 0  # times it was run again after its replica died while running it
 
 
@@ -323,7 +324,12 @@ class JobBoard:
             meta.followers.add(follower)
         position = self._queue_order().get(job.id) if job.status is JobStatus.QUEUED else None
         return view_of(
-            job, preview_seq=meta.preview_seq, queue_position=position, replica=meta.replica, with_result=with_result
+            job,
+            preview_seq=meta.preview_seq,
+            queue_position=position,
+            replica=meta.replica,
+            with_result=with_result,
+            version=meta.version,
         )
 
     def _queue_order(self) -> dict[str, int]:
@@ -335,6 +341,7 @@ class JobBoard:
         meta = self._meta.get(job.id)
         if meta is None:
             return
+        meta.version += 1
         for ingress in meta.followers:
             inbox = self._inboxes.setdefault(ingress, _Inbox())
             inbox.changed.add(job.id)

@@ -78,7 +78,11 @@ def _serve(settings: Settings) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+    except Exception as exc:
+        log.error("cannot start: Ray Serve's controller did not start: %s", _one_line(exc))
+        return 2
     try:
         serve.run(application, name=settings.ray_app_name, route_prefix="/", blocking=False)
     except RuntimeError as exc:

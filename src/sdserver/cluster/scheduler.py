@@ -62,6 +62,8 @@ class ClusterScheduler:
         self.jobs = BoardJobs(self)
         self._mirrors: OrderedDict[str, Job] = OrderedDict()
         self._seen_previews: dict[str, int] = {}
+        self._versions: dict[str, int] = {}
+        self._applying = threading.RLock()  # one view at a time reaches a mirror's listeners
         self._positions: dict[str, int | None] = {}
         self._lock = threading.Lock()
         self._dispatching: set[Future[None]] = set()
@@ -156,20 +158,28 @@ class ClusterScheduler:
 
     # -- mirrors ---------------------------------------------------------------------------------
     def mirror(self, view: JobView) -> Job:
-        """The local Job for the view, created or brought up to date."""
-        with self._lock:
-            job = self._mirrors.get(view.id)
-            new_preview = self._seen_previews.get(view.id) != view.preview_seq
-            self._seen_previews[view.id] = view.preview_seq
-            self._positions[view.id] = view.queue_position
-            if job is None:
-                job = mirror_of(view)
-                self._mirrors[view.id] = job
-                self._forget_old()
-                return job
-            self._mirrors.move_to_end(view.id)
-        apply(job, view, new_preview=new_preview)
+        """The local Job for the view, created or brought up to date (a view older than one already
+        applied is skipped, unless it is the outcome: the replica's answer carries no board version)."""
+        with self._applying:
+            with self._lock:
+                job = self._mirrors.get(view.id)
+                if job is None:
+                    job = self._mirrors[view.id] = mirror_of(view)
+                    self._note(view)
+                    self._forget_old()
+                    return job
+                self._mirrors.move_to_end(view.id)
+                if view.version < self._versions.get(view.id, 0) and not view.done:
+                    return job
+                new_preview = self._seen_previews.get(view.id) != view.preview_seq
+                self._note(view)
+            apply(job, view, new_preview=new_preview)
         return job
+
+    def _note(self, view: JobView) -> None:
+        self._versions[view.id] = max(view.version, self._versions.get(view.id, 0))
+        self._seen_previews[view.id] = view.preview_seq
+        self._positions[view.id] = view.queue_position
 
     def note_positions(self, views: list[JobView]) -> None:
         with self._lock:
@@ -180,8 +190,8 @@ class ClusterScheduler:
         excess = len(self._mirrors) - MIRRORS_KEPT
         for job_id in [job_id for job_id, job in self._mirrors.items() if job.done][: max(excess, 0)]:
             del self._mirrors[job_id]
-            self._seen_previews.pop(job_id, None)
-            self._positions.pop(job_id, None)
+            for seen in (self._seen_previews, self._versions, self._positions):
+                seen.pop(job_id, None)
 
     # -- dispatching -----------------------------------------------------------------------------
     def _dispatched(self, future: Future[None]) -> None:

@@ -44,6 +44,7 @@ class JobView:
     history_ids: list[str | None] | None = None
     queue_position: int | None = None
     replica: str | None = None  # the engine replica that has it
+    version: int = 0  # the board's count of its changes: an older view never undoes a newer one
 
     @property
     def done(self) -> bool:
@@ -105,6 +106,7 @@ def view_of(
     queue_position: int | None = None,
     replica: str | None = None,
     with_result: bool = True,
+    version: int = 0,
 ) -> JobView:
     return JobView(
         id=job.id,
@@ -123,6 +125,7 @@ def view_of(
         history_ids=None if job.history_ids is None else list(job.history_ids),
         queue_position=queue_position,
         replica=replica,
+        version=version,
     )
 
 
