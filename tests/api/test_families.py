@@ -131,3 +131,17 @@ def test_the_command_line_draws_with_each_family(
     result = CliRunner().invoke(app, [*args, "--steps", str(STEPS), "--device", "cpu", "--config", str(tmp_path / "x")])
     assert result.exit_code == 0, result.output
     assert Image.open(out).size == (SIZE, SIZE)
+
+
+def test_flow_models_borrow_the_base_models_safety_checker(
+    make_client: ClientFactory, tiny_flagging_model: Path, family_model: Callable[[str], Path]
+) -> None:
+    custom = [
+        {"url_path": arch, "ui_label": arch, "model_path": str(family_model(arch)), "requires_safety_checker": True}
+        for arch in ("sd3", "flux")
+    ]
+    client = make_client(model=str(tiny_flagging_model), custom_models=custom)
+    for arch in ("sd3", "flux"):
+        fields = {"prompt": "x", "width": SIZE, "height": SIZE, "num_inference_steps": STEPS}
+        (flagged,) = ok(client.post(f"/custom/{arch}", data=fields))["images"]
+        assert flagged["nsfw"] is True and pixels(decode_png(flagged["base64"])).max() == 0  # blacked out

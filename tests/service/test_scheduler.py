@@ -44,6 +44,7 @@ class FakeEngine:
         self.steps = steps
         self.fail_on: str | None = None
         self.oom = False
+        self.crash_in_finish = False
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
         return request.model_copy(update={"model": request.model or "base", "width": 8, "height": 8})
@@ -83,6 +84,8 @@ class FakeEngine:
         return [Image.new("RGB", (1, 1), (state.index, 0, 0))] * state.request.num_images
 
     def finish(self, states: Sequence[FakeState]) -> list[list[GeneratedImage]]:
+        if self.crash_in_finish:
+            raise KeyError("a bug")
         return [_images(state.request) for state in states]
 
 
@@ -206,6 +209,15 @@ class TestStepBatching:
         # one step after "other" arrived, the base model's set stopped taking newcomers: "other" went next
         assert engine.sessions == ["base", "other", "base"]
         assert ["blocker", "same model, but later"] not in engine.calls
+
+    def test_a_bug_fails_the_running_set_clearly_and_the_worker_lives(
+        self, engine: FakeEngine, step_scheduler: Scheduler
+    ) -> None:
+        engine.crash_in_finish = True
+        with pytest.raises(GenerationError, match="internal error: KeyError"):
+            step_scheduler.submit(request("unlucky")).wait(5)
+        engine.crash_in_finish = False
+        assert step_scheduler.submit(request("next")).wait(5).images
 
     def test_a_failing_member_leaves_alone_mid_run(self, engine: FakeEngine, step_scheduler: Scheduler) -> None:
         hold(engine, step_scheduler)

@@ -51,22 +51,19 @@ class Session:
         the mask, and attach each image's parameters."""
         with failures(self.model.device), torch.no_grad():
             images = self.family.decode(self.model, states)
-        flags = [False] * len(images)
-        if self.model.checker is not None:
-            images, flags = self.model.checker.check(images)
-        results, offset = [], 0
-        for state in states:
-            request, count = state.request, state.rows
-            own = [
-                GeneratedImage(image=_restored(image, request) if not flagged else image, seed=seed, nsfw=flagged)
-                for image, flagged, seed in zip(
-                    images[offset : offset + count], flags[offset : offset + count], request.seeds, strict=True
-                )
-            ]
-            offset += count
-            self._describe(state, own)
-            results.append(own)
-        return results
+            flags = [False] * len(images)
+            if self.model.checker is not None:
+                images, flags = self.model.checker.check(images)
+            results, offset = [], 0
+            for state in states:
+                own = [
+                    GeneratedImage(image=image if flagged else _restored(image, state.request), seed=seed, nsfw=flagged)
+                    for image, flagged, seed in zip(images[offset:], flags[offset:], state.request.seeds, strict=False)
+                ]
+                offset += state.rows
+                self._describe(state, own)
+                results.append(own)
+            return results
 
     def _describe(self, state: State, images: list[GeneratedImage]) -> None:
         sampler = state.request.sampler or self.family.default_sampler(self.model.txt2img.scheduler)

@@ -299,6 +299,10 @@ class Scheduler:
         except SDServerError as exc:  # the model could not be loaded or the LoRAs applied
             for job in [first, *(running.jobs if running is not None else [])]:
                 job.fail(exc)
+        except Exception as exc:  # a bug of ours: the requests get a clear error, the worker lives on
+            log.exception("worker error")
+            for job in [first, *(running.jobs if running is not None else [])]:
+                job.fail(GenerationError(f"internal error: {type(exc).__name__}: {exc}"))
         finally:
             self._set_running([])
 
