@@ -55,29 +55,50 @@ def open_image(raw: bytes) -> Image.Image:
     The pixel count is checked from the header before any pixel is decoded, so a small file that
     claims a huge size (a decompression bomb) costs nothing. Raises ValueError with a reason.
     """
+    return load_image(open_image_header(raw))
+
+
+def open_image_header(raw: bytes, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
+    """Read only the header of PNG/JPEG/WebP bytes: the format and size are checked, no pixel is
+    decoded (`load_image` does that). Raises ValueError with a client-facing reason."""
     if not raw:
         raise ValueError("empty image")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(raw), formats=ALLOWED_FORMATS)
-            if image.width * image.height > MAX_DECODE_PIXELS:
-                raise ValueError(f"image is {image.width}x{image.height}, over the limit of {MAX_DECODE_PIXELS} pixels")
-            image.load()
         except UnidentifiedImageError as exc:
             raise ValueError("not a PNG, JPEG or WebP image") from exc
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ValueError(f"image too large to decode ({exc})") from exc
-        except (OSError, SyntaxError, ValueError) as exc:  # truncated data, oversized metadata chunks...
-            if str(exc).startswith("image is "):
-                raise
+        except (OSError, SyntaxError, ValueError) as exc:  # a broken header, oversized metadata chunks...
+            raise ValueError(f"could not decode image ({exc})") from exc
+    if image.width * image.height > max_pixels:
+        raise ValueError(f"image is {image.width}x{image.height}, over the limit of {max_pixels} pixels")
+    return image
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """Decode the pixels of an image opened by `open_image_header` (no-op if already loaded)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ValueError(f"image too large to decode ({exc})") from exc
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated data, bad chunks...
             raise ValueError(f"could not decode image ({exc})") from exc
     return image
 
 
+def has_alpha(image: Image.Image) -> bool:
+    """An alpha channel, or a palette with a transparent entry."""
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Flatten any mode (palette, RGBA, CMYK, 16-bit) to 8-bit RGB; transparency becomes white."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if has_alpha(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

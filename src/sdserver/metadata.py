@@ -10,17 +10,18 @@ The engine attaches them to each generated image's `info` (PIL's own place for P
 
 from __future__ import annotations
 
-import io
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from sdserver import __version__
+from sdserver import __version__, safejson
 from sdserver.core.types import GenerationRequest
 from sdserver.imaging import METADATA_KEYS as TEXT_KEYS
+from sdserver.imaging import open_image_header
 
 PARAMETERS_KEY, JSON_KEY = TEXT_KEYS
 
@@ -89,26 +90,25 @@ def attach(image: Image.Image, params: Mapping[str, Any]) -> None:
 
 
 def params_of(image: Image.Image) -> dict[str, Any] | None:
-    """The structured parameters attached to (or read with) `image`, if any."""
+    """The structured parameters attached to (or read with) `image`, if any: None when absent or
+    not a JSON object (any image may carry any text in that chunk)."""
     text = image.info.get(JSON_KEY)
     if not isinstance(text, str):
         return None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
+        data = safejson.loads(text)
+    except ValueError:
         return None
     return data if isinstance(data, dict) else None
 
 
 def read_info(data: bytes) -> tuple[str | None, dict[str, Any] | None, dict[str, str]]:
-    """(infotext, structured parameters, every other text item) of an encoded image.
+    """(infotext, structured parameters, every other text item) of an encoded image, read from its
+    header chunks alone (no pixel is decoded, so a decompression bomb costs nothing).
 
     Raises ValueError with a client-facing reason if it is not an image.
     """
-    try:
-        image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError("not a PNG, JPEG or WebP image") from exc
+    image = open_image_header(data)
     text = image.info.get(PARAMETERS_KEY)
     others = {str(key): value for key, value in image.info.items() if isinstance(value, str) and key not in TEXT_KEYS}
     return (text if isinstance(text, str) else None), params_of(image), others
@@ -120,7 +120,8 @@ _FIELD = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 def parse_infotext(text: str) -> dict[str, Any]:
     """A1111's infotext as a dict: `Prompt`, `Negative prompt`, and each `Key: value` of the last line.
 
-    Numbers become int/float; `Size: WxH` also gives `Size-1` and `Size-2` (as A1111 does).
+    Numbers become int/float; `Size: WxH` also gives `Size-1` and `Size-2` (as A1111 does). Any text
+    parses: a quoted value that is not valid JSON is kept as written.
     """
     lines = text.strip().split("\n")
     last = lines[-1] if lines and _FIELD.findall(lines[-1]) and ": " in lines[-1] else ""
@@ -137,7 +138,7 @@ def parse_infotext(text: str) -> dict[str, Any]:
     for key, raw in _FIELD.findall(last):
         value = raw.strip()
         if value.startswith('"') and value.endswith('"'):
-            value = json.loads(value)
+            value = _unquote(value)
         result[key] = _typed(value)
         if key == "Size" and re.fullmatch(r"\d+x\d+", value):
             width, height = value.split("x")
@@ -145,12 +146,21 @@ def parse_infotext(text: str) -> dict[str, Any]:
     return result
 
 
+def _unquote(value: str) -> str:
+    try:
+        unquoted = json.loads(value)
+    except ValueError:  # e.g. an escape JSON does not know, as in "\\q"
+        return value
+    return unquoted if isinstance(unquoted, str) else value
+
+
 def _typed(value: str) -> Any:
     for cast in (int, float):
         try:
-            return cast(value)
-        except ValueError:
-            pass
+            number = cast(value)
+        except ValueError:  # not a number (or an int past Python's 4300 digits)
+            continue
+        return number if math.isfinite(number) else value  # "nan", "1e999": kept as text
     return value
 
 

@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -37,6 +38,7 @@ DEMO_MODEL = "demo"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
 _URL_PATH = re.compile(r"^[A-Za-z0-9._~-]+$")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_KEY_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 
 _file_values: ContextVar[dict[str, Any] | None] = ContextVar("sdserver_config_file", default=None)
 
@@ -86,6 +88,29 @@ def is_single_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES
 
 
+def split_key(entry: str) -> tuple[str | None, str]:
+    """(name, secret) of an API key entry `name:secret`; a bare secret has no name."""
+    name, colon, secret = entry.partition(":")
+    return (name, secret) if colon else (None, entry)
+
+
+def _check_keys(entries: list[str], field: str) -> list[str]:
+    """An empty or blank key would let an empty token in: stop start-up instead, with one clear line."""
+    names: set[str] = set()
+    for entry in entries:
+        name, secret = split_key(entry)
+        if not secret.strip():
+            raise ValueError(f"{field}: a key is empty or blank; remove it or give it a secret")
+        if secret != secret.strip():
+            raise ValueError(f"{field}: a key starts or ends with whitespace, which no client can send")
+        if name is not None and not _KEY_NAME.match(name):
+            raise ValueError(f"{field}: key name {name!r} must be 1-64 letters, digits, '.', '_', '@' or '-'")
+        if name is not None and name in names:
+            raise ValueError(f"{field}: two keys are named {name!r}")
+        names.add(name or "")
+    return entries
+
+
 def is_url_safe(name: str) -> bool:
     """A model name usable as one URL path segment as it is."""
     return bool(_URL_PATH.match(name)) and name not in (".", "..")
@@ -132,25 +157,49 @@ class Settings(BaseSettings):
     max_body_mb: float = Field(default=32.0, gt=0)
     drain_timeout: float = Field(default=30.0, ge=0)  # seconds to finish work on SIGTERM
 
-    @field_validator("api_keys", "api_auth", "cors_origins", "preload", mode="before")
+    @field_validator("cors_origins", "preload", "allowed_hosts", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
-        # SDSERVER_API_KEYS=a,b in the environment; lists in config.json
+        # SDSERVER_CORS_ORIGINS=a,b in the environment; lists in config.json
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("api_keys", "admin_keys", "api_auth", mode="before")
+    @classmethod
+    def _comma_separated_credentials(cls, value: Any) -> Any:
+        # As above, but an empty part is kept, so that a key left empty is refused, not dropped
+        # (SDSERVER_API_KEY=$UNSET_VARIABLE must not start a server without keys).
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",")]
+        return value
+
+    @field_validator("api_keys", "admin_keys")
+    @classmethod
+    def _keys(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return _check_keys(value, str(info.field_name))
 
     @field_validator("api_auth")
     @classmethod
     def _user_colon_password(cls, value: list[str]) -> list[str]:
         for pair in value:
-            if ":" not in pair:
-                raise ValueError("api_auth entries must look like user:password")
+            user, colon, password = pair.partition(":")
+            if not colon or not user.strip() or not password.strip():
+                raise ValueError("api_auth entries must look like user:password, neither empty")
         return value
+
+    @model_validator(mode="after")
+    def _distinct_secrets(self) -> Settings:
+        secrets = [split_key(entry)[1] for entry in (*self.api_keys, *self.admin_keys)]
+        if len(set(secrets)) < len(secrets):
+            raise ValueError("api_keys/admin_keys: the same secret is given twice")
+        if self.allow_webhooks and not self.webhook_secret:
+            raise ValueError("webhook_secret: needed with allow_webhooks (receivers verify each delivery with it)")
+        return self
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_keys or self.api_auth)
+        return bool(self.api_keys or self.api_auth or self.admin_keys)
 
     limits: Limits = Field(default_factory=Limits)
 
@@ -220,6 +269,39 @@ class Settings(BaseSettings):
     history_max_gb: float | None = Field(
         default=None, gt=0, description="Disk budget of saved images in GB; past it the oldest are deleted"
     )
+
+    # Reliability, tenants, links and webhooks (issue 18)
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("admin_keys", "admin_key", "SDSERVER_ADMIN_KEY", "SDSERVER_ADMIN_KEYS"),
+        description="Admin key, 'name:secret' or a bare secret (named 'admin'): sees every job, and alone may "
+        "load, unload and rescan models and change AUTOMATIC1111's options",
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="Base URL of the links the server hands out (OpenAI response_format=url), e.g. "
+        "https://sd.example.com behind a proxy; default: the address the client connected to",
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names clients may use when listening beyond localhost (IP addresses, localhost, "
+        "this machine's names and public_url's host always work; '*.example.com' matches subdomains, '*' any)",
+    )
+    webhook_secret: str | None = Field(
+        default=None,
+        description="Secret that signs every webhook delivery (HMAC-SHA256 in the Sdserver-Signature header)",
+    )
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Webhook hosts allowed although they resolve to a loopback, private or link-local address",
+    )
+
+    @field_validator("public_url")
+    @classmethod
+    def _absolute_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"public_url must start with http:// or https:// and a host, got {value!r}")
+        return value.rstrip("/") if value else value
 
     # Scale-out on Ray Serve (issue 16); `pip install 'sdserver[ray]'`
     ray: bool = Field(

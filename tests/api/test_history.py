@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sdserver.api.app import create_app
 from sdserver.settings import Settings
@@ -134,27 +133,16 @@ def test_a_failed_write_is_reported_in_the_job_and_loses_nothing(
     assert client.get(f"/v1/jobs/{final['id']}/images/0").status_code == 200
 
 
-class AsKey:
-    """Stands in for the auth middleware of named keys: the `X-Test-Key` header names the caller."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            name = dict(scope["headers"]).get(b"x-test-key")
-            scope.setdefault("state", {})["owner"] = name.decode() if name else None
-        await self.app(scope, receive, send)
-
-
 def test_a_named_key_sees_only_its_own_history(tiny_model: Path, tmp_path: Path) -> None:
-    app = create_app(Settings(model=str(tiny_model), outputs_dir=str(tmp_path)))
-    app.add_middleware(AsKey)
+    settings = Settings(
+        model=str(tiny_model), outputs_dir=str(tmp_path), api_keys=["alice:a-key", "bob:b-key"], admin_keys=["root"]
+    )
+    app = create_app(settings)
     with TestClient(app) as client:
         history = app.state.history
         alice = history.save(generated("alice's"), job_id=None, owner="alice", task="txt2img")
         bob = history.save(generated("bob's"), job_id=None, owner="bob", task="txt2img")
-        as_alice = {"X-Test-Key": "alice"}
+        as_alice = {"Authorization": "Bearer a-key"}
         listed = client.get("/v1/history", headers=as_alice).json()
         assert [item["id"] for item in listed["items"]] == [alice] and listed["total"] == 1
         for method, path in (
@@ -164,4 +152,5 @@ def test_a_named_key_sees_only_its_own_history(tiny_model: Path, tmp_path: Path)
         ):
             assert client.request(method, path, headers=as_alice).status_code == 404, (method, path)
         assert client.get(f"/v1/history/{alice}", headers=as_alice).status_code == 200
-        assert client.get("/v1/history").json()["total"] == 2  # no key name (no auth, or an admin): everything
+        as_admin = {"Authorization": "Bearer root"}
+        assert client.get("/v1/history", headers=as_admin).json()["total"] == 2  # the admin key: everything

@@ -18,7 +18,7 @@ from sdserver.api import a1111, errors, history, models, openai, ops, studio
 from sdserver.api.jobs import router as jobs_router
 from sdserver.api.middleware import BodySizeLimit, PagePolicy, RequestLog
 from sdserver.api.original import router as original_router
-from sdserver.api.security import ApiKeyAuth
+from sdserver.api.security import ApiKeyAuth, HostCheck, is_loopback
 from sdserver.engine import Engine
 from sdserver.service.history import History
 from sdserver.service.jobs import JobStore
@@ -153,8 +153,8 @@ def create_app(
     studio.install(app)
     errors.register_renderer("/v1/", errors.render_v1)
     errors.register_renderer("/sdapi/", a1111.render_error)
-    # The last added runs first: log → CORS (so even a 401 or 413 is readable by an allowed page)
-    # → the pages' content security policy → body size limit → auth → routes.
+    # The last added runs first: log → Host check (beyond localhost) → CORS (so even a 401 or 413 is
+    # readable by an allowed page) → the pages' content security policy → body size limit → auth → routes.
     app.add_middleware(ApiKeyAuth, settings=settings)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_body_mb * 1e6))
     app.add_middleware(PagePolicy, policies={"/": studio.CSP, "/docs": DOCS_CSP, "/redoc": DOCS_CSP})
@@ -162,6 +162,8 @@ def create_app(
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
+    if not is_loopback(settings.host):
+        app.add_middleware(HostCheck, allowed=HostCheck.names_for(settings))
     app.add_middleware(RequestLog, metrics=metrics)
     return app
 

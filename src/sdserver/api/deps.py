@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from sdserver.api.security import principal_of
 from sdserver.engine import Engine
 from sdserver.service.history import History
 from sdserver.service.scheduler import Scheduler
@@ -33,10 +34,10 @@ def _history(request: Request) -> History:
 
 
 def _owner(request: Request) -> str | None:
-    """Whose jobs and history this request may see: the name of its API key, or None for everyone's
-    (no auth, or an admin key). The auth middleware sets `request.state.owner` when keys have names."""
-    owner = getattr(request.state, "owner", None)
-    return owner if isinstance(owner, str) else None
+    """Whose jobs and history this request may see: None for everyone's (no auth, or the admin key),
+    else the name of its API key ("" for an anonymous caller on an open route: nobody's)."""
+    principal = principal_of(request.scope)
+    return None if principal.admin else (principal.name or "")
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]

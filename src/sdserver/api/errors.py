@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 STATUS: dict[type[e.SDServerError], int] = {
     e.InvalidRequest: 400,
     e.PayloadTooLarge: 413,
+    e.IdempotencyKeyReused: 422,
     e.Unauthorized: 401,
+    e.Forbidden: 403,
     e.NotFound: 404,
     e.Overloaded: 429,
     e.Cancelled: 499,  # the client went away or asked to stop (nginx's convention)
@@ -81,6 +83,8 @@ def install(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        if isinstance(exc.__cause__, e.SDServerError):  # FastAPI's "error parsing the body", from ours
+            return render(request, exc.__cause__)
         error_type: type[e.SDServerError] = e.NotFound if exc.status_code == 404 else e.InvalidRequest
         detail = exc.detail if exc.status_code != 404 else f"no route {request.method} {request.url.path}"
         response = render(request, error_type(str(detail)), exc.status_code)

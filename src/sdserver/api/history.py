@@ -14,10 +14,11 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from sdserver.api.deps import HistoryDep, OwnerDep
+from sdserver.api.fields import GuardedRoute
 from sdserver.core.errors import InvalidRequest
 from sdserver.service import history as service
 
-router = APIRouter(prefix="/v1", tags=["history"])
+router = APIRouter(prefix="/v1", tags=["history"], route_class=GuardedRoute)
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable"}  # an id's image never changes
 

@@ -3,6 +3,7 @@ content security policy of the HTML pages."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -65,13 +66,26 @@ class RequestLog:
 
 class BodySizeLimit:
     """Refuse bodies over `max_bytes` with 413: at once when Content-Length says so, and while
-    streaming otherwise, so an oversized body is never read into memory whole."""
+    streaming otherwise (chunked), so an oversized body is never read into memory whole.
+
+    While streaming, the limit is hit inside whatever is reading the body (FastAPI's JSON or form
+    parser, python-multipart, our own readers), and each reports it its own way (a 400, a 422, a
+    parse error). So the error is also remembered here: once the limit was hit, the response is our
+    413 whatever the route answered or raised. A route that refuses a request without reading its
+    body (a wrong content type, say) has the rest of the body counted before its error goes out, so
+    an oversized body is a 413 there too.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
     def _error(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"body: the request is over the limit of {self.max_bytes / 1e6:g} MB")
+        return PayloadTooLarge(f"body: the request is over the limit of {self.max_bytes / 1e6:g} MB", field="body")
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = errors.render(Request(scope), self._error())
+        response.headers["connection"] = "close"
+        await response(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,22 +93,42 @@ class BodySizeLimit:
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            response = errors.render(Request(scope), self._error())
-            response.headers["connection"] = "close"
-            await response(scope, receive, send)
+            await self._refuse(scope, receive, send)
             return
-        received = 0
+        received, over, done, started = 0, False, False, False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, over, done
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                done = not message.get("more_body", False)
                 if received > self.max_bytes:
+                    over = True
                     raise self._error()
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def checked_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start" and message["status"] >= 400 and not (over or done):
+                with contextlib.suppress(PayloadTooLarge):  # an error before the body was read: count the rest
+                    while not done and (await limited_receive())["type"] == "http.request":
+                        pass
+            if over:  # whatever the route made of it, the answer is the 413
+                if not started:
+                    started = True
+                    await self._refuse(scope, receive, send)
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, checked_send)
+        except Exception:
+            if not over or started:
+                raise
+            started = True
+            await self._refuse(scope, receive, send)
 
 
 class PagePolicy:

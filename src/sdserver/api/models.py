@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from sdserver.api.deps import EngineDep
+from sdserver.api.fields import GuardedRoute
+from sdserver.api.security import PrincipalDep
 from sdserver.engine import Engine
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], route_class=GuardedRoute)
+_ADMIN: dict[int | str, dict[str, Any]] = {403: {"description": "not the admin key (on a server with keys)"}}
 
 
 class ModelOut(BaseModel):
@@ -49,18 +52,21 @@ async def list_models(engine: EngineDep) -> list[ModelOut]:
     return await run_in_threadpool(_describe_all, engine)
 
 
-@router.post("/models/refresh")
-async def refresh_models(engine: EngineDep) -> list[ModelOut]:
-    """Rescan models_dir without a restart: new folders become models, removed ones go."""
+@router.post("/models/refresh", responses=_ADMIN)
+async def refresh_models(engine: EngineDep, principal: PrincipalDep) -> list[ModelOut]:
+    """Rescan models_dir without a restart: new folders become models, removed ones go (admin key)."""
+    principal.require_admin("rescan the models")
     await run_in_threadpool(engine.registry.refresh)
     return await run_in_threadpool(_describe_all, engine)
 
 
 @router.post(
-    "/models/{name}/load", responses={404: {"description": "no such model"}, 503: {"description": "load failed"}}
+    "/models/{name}/load",
+    responses={404: {"description": "no such model"}, 503: {"description": "load failed"}, **_ADMIN},
 )
-async def load_model(name: str, engine: EngineDep) -> ModelOut:
-    """Load a model now (it may unload the least recently used one to stay within the budget)."""
+async def load_model(name: str, engine: EngineDep, principal: PrincipalDep) -> ModelOut:
+    """Load a model now (it may unload the least recently used one to stay within the budget; admin key)."""
+    principal.require_admin("load models")
     await run_in_threadpool(engine.registry.get, name)
     return await run_in_threadpool(_describe, engine, name)
 
@@ -71,9 +77,11 @@ async def load_model(name: str, engine: EngineDep) -> ModelOut:
         400: {"description": "the base model"},
         404: {"description": "no such model"},
         503: {"description": "in use"},
+        **_ADMIN,
     },
 )
-async def unload_model(name: str, engine: EngineDep) -> ModelOut:
-    """Unload a model and return its memory; it loads again on its next use. The base model stays."""
+async def unload_model(name: str, engine: EngineDep, principal: PrincipalDep) -> ModelOut:
+    """Unload a model and return its memory; it loads again on its next use. The base model stays (admin key)."""
+    principal.require_admin("unload models")
     await run_in_threadpool(engine.registry.unload, name)
     return await run_in_threadpool(_describe, engine, name)

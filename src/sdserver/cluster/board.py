@@ -47,6 +47,7 @@ STALE_S = 5.0  # a member silent this long is down (heartbeats come every second
 FORGET_S = 120.0  # and is forgotten after this long
 ORPHAN_S = 30.0  # a job whose ingress and replica have both been silent this long fails
 NAMESPACE = "sdserver"
+Owner = Callable[[str | None], bool]  # may the caller see a job of this owner? (security.Principal.owns)
 LOST = "the engine replica running this request stopped before it finished (its process or node died); send it again"
 
 
@@ -111,17 +112,22 @@ class JobBoard:
         save: bool = False,
         owner: str | None = None,
         idempotency_key: str | None = None,
+        fingerprint: str | None = None,
     ) -> JobView | SDServerError:
-        """Register a job an ingress is about to dispatch; a known Idempotency-Key gives its job back."""
+        """Register a job an ingress is about to dispatch; an Idempotency-Key its owner used before gives
+        that job back (the same request), or is refused (another request)."""
         if idempotency_key:
-            existing = self.jobs.by_idempotency_key(idempotency_key)
+            try:
+                existing = self.jobs.by_idempotency_key(idempotency_key, owner, fingerprint)
+            except SDServerError as exc:
+                return exc
             if existing is not None:
                 return self._view(existing, follower=ingress)
         waiting = sum(job.status is JobStatus.QUEUED for job in self.jobs.all())
         room = self.max_queue * max(1, len(self.engines_up()))
         if waiting >= room:
             return Overloaded(f"the queue is full ({waiting} waiting over the cluster's replicas); retry shortly")
-        job = Job(request=request, id=job_id, preview_every=preview_every, owner=owner)
+        job = Job(request=request, id=job_id, preview_every=preview_every, owner=owner, fingerprint=fingerprint)
         self._meta[job_id] = _Meta(ingress=ingress, followers={ingress})
         job.add_listener(self._changed)
         assert self.history is not None
@@ -130,25 +136,28 @@ class JobBoard:
         self._forget_pruned()
         return self._view(job)
 
-    async def view(self, job_id: str, follower: str | None = None) -> JobView | SDServerError:
-        """The job (with its images); `follower` is told of its changes from now on."""
+    async def view(
+        self, job_id: str, follower: str | None = None, owner: Owner | None = None
+    ) -> JobView | SDServerError:
+        """The job (with its images); `follower` is told of its changes from now on. `owner`: a test of
+        the job's owner (the caller's key); a job that fails it is not found."""
         try:
-            return self._view(self.jobs.get(job_id), follower=follower)
+            return self._view(self.jobs.get(job_id, owner), follower=follower)
         except NotFound as exc:
             return exc
 
-    async def views(self) -> list[JobView]:
-        """Every job kept, oldest first, without images."""
+    async def views(self, owner: Owner | None = None) -> list[JobView]:
+        """Every job kept (whose owner passes `owner`), oldest first, without images."""
         order = self._queue_order()
         return [
             view_of(job, queue_position=order.get(job.id), replica=self._meta_of(job).replica, with_result=False)
-            for job in self.jobs.all()
+            for job in self.jobs.all(owner)
         ]
 
-    async def cancel(self, job_id: str) -> JobView | SDServerError:
+    async def cancel(self, job_id: str, owner: Owner | None = None) -> JobView | SDServerError:
         """A queued job is cancelled now; a running one at its next step (its replica hears of it)."""
         try:
-            job = self.jobs.get(job_id)
+            job = self.jobs.get(job_id, owner)
         except NotFound as exc:
             return exc
         job.cancel_requested = True

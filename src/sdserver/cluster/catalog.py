@@ -95,7 +95,7 @@ class ClusterEngine(Engine):
     def __init__(self, settings: Settings, cluster: Cluster) -> None:
         self.cluster = cluster
         self.catalogue = ClusterRegistry(settings, cluster)
-        super().__init__(self.catalogue, loras=LoraLibrary(settings.loras_dir))
+        super().__init__(self.catalogue, loras=LoraLibrary(settings.loras_dir), limits=settings.limits)
 
     def load(self) -> None:
         """The replicas load their models."""

@@ -29,6 +29,7 @@ from sdserver.core.types import GenerationRequest
 from sdserver.service.jobs import Job, JobStatus
 from sdserver.settings import Settings
 
+from .board import Owner
 from .catalog import ClusterEngine
 from .state import Cluster
 from .views import JobView, Member, Work, apply, light, mirror_of, snapshot_job
@@ -46,9 +47,9 @@ class BoardJobs:
     def __init__(self, scheduler: ClusterScheduler) -> None:
         self._scheduler = scheduler
 
-    def all(self) -> list[Job]:
-        """Every job the board keeps, as it is now (copies, without images)."""
-        views: list[JobView] = self._scheduler.cluster.call(self._scheduler.cluster.board.views.remote())
+    def all(self, owner: Owner | None = None) -> list[Job]:
+        """Every job the board keeps (whose owner passes `owner`), as it is now (copies, without images)."""
+        views: list[JobView] = self._scheduler.cluster.call(self._scheduler.cluster.board.views.remote(owner))
         self._scheduler.note_positions(views)
         return [snapshot_job(view) for view in views]
 
@@ -117,8 +118,11 @@ class ClusterScheduler:
         idempotency_key: str | None = None,
         preview_every: int = 0,
         save: bool = False,
+        owner: str | None = None,
+        fingerprint: str | None = None,
     ) -> Job:
-        """Register and dispatch (call from a thread, as the routes do); bad input raises first."""
+        """Register and dispatch (call from a thread, as the routes do); bad input raises first.
+        `owner`, `fingerprint`, `idempotency_key`: as Scheduler.submit."""
         name = self.catalog.check(request)
         if self.cluster.draining:
             raise Unavailable("the server is not accepting work (shutting down)")
@@ -130,7 +134,9 @@ class ClusterScheduler:
             ingress=self.cluster.ingress_id,
             preview_every=preview_every,
             save=save,
+            owner=owner,
             idempotency_key=idempotency_key,
+            fingerprint=fingerprint,
         )
         view: JobView = self.cluster.call(added)
         job = self.mirror(view)
@@ -143,13 +149,14 @@ class ClusterScheduler:
             future.add_done_callback(self._dispatched)
         return job
 
-    def get(self, job_id: str) -> Job:
-        view: JobView = self.cluster.call(self.cluster.board.view.remote(job_id, self.cluster.ingress_id))
+    def get(self, job_id: str, owner: Owner | None = None) -> Job:
+        """The job (`owner`: a test of its owner; a job that fails it is not found)."""
+        view: JobView = self.cluster.call(self.cluster.board.view.remote(job_id, self.cluster.ingress_id, owner))
         return self.mirror(view)
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str, owner: Owner | None = None) -> Job:
         """Cancel a queued job now, a running one at its next denoising step (its replica hears of it)."""
-        view: JobView = self.cluster.call(self.cluster.board.cancel.remote(job_id))
+        view: JobView = self.cluster.call(self.cluster.board.cancel.remote(job_id, owner))
         return self.mirror(view)
 
     def queue_position(self, job: Job) -> int | None:

@@ -6,6 +6,8 @@ and each protocol renders them in its own response shape.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class SDServerError(Exception):
     """Base class: `message` is safe to show to a client."""
@@ -24,8 +26,34 @@ class PayloadTooLarge(InvalidRequest):
     """The request body is over the server's size limit."""
 
 
+class IdempotencyKeyReused(InvalidRequest):
+    """An Idempotency-Key sent again with a different request (the IETF draft's 422)."""
+
+
+class FieldError(ValueError):
+    """Raised inside validators: `validate_request` turns it into an InvalidRequest naming `name`
+    (in the client's own words) and showing `value`."""
+
+    def __init__(self, name: str, value: object, reason: str) -> None:
+        super().__init__(reason)
+        self.name, self.value, self.reason = name, value, reason
+
+    def invalid(self, names: Mapping[str, str] | None = None) -> InvalidRequest:
+        """The 400 for this, naming the field as the client calls it (`names`: ours -> theirs)."""
+        shown = (names or {}).get(self.name, self.name)
+        if self.value is None:
+            return InvalidRequest(f"{shown}: {self.reason}", field=shown)
+        value = repr(self.value)
+        value = value if len(value) <= 60 else value[:57] + "..."
+        return InvalidRequest(f"{shown}: {self.reason}, got {value}", field=shown)
+
+
 class Unauthorized(SDServerError):
     """A missing or wrong API key."""
+
+
+class Forbidden(SDServerError):
+    """A valid key that may not do this (only the admin key manages models and A1111's options)."""
 
 
 class NotFound(SDServerError):

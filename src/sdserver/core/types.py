@@ -25,8 +25,10 @@ from pydantic import (
     model_validator,
 )
 
-from sdserver.core.errors import InvalidRequest
-from sdserver.imaging import decode_image, to_rgb
+from sdserver.core.errors import FieldError, InvalidRequest
+from sdserver.core.images import decode_field, fit, open_field
+from sdserver.core.limits import Limits
+from sdserver.core.sizing import output_size
 
 MAX_SEED = 2**63 - 1
 
@@ -61,16 +63,18 @@ class Task(StrEnum):
     INPAINT = "inpaint"
 
 
-def _image(value: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, Image.Image):
-        return to_rgb(value)
-    if isinstance(value, str | bytes):
-        if not value:
-            return None  # an empty form field means "not given"
-        return decode_image(value)
-    raise ValueError("expected a base64-encoded image")
+def _image(value: Any, info: ValidationInfo) -> Any:
+    """Only the header is read here; the pixels are decoded once every check has passed."""
+    if value is None or (isinstance(value, str | bytes) and not value):
+        return None  # an empty form field means "not given"
+    if not isinstance(value, Image.Image | str | bytes):
+        raise ValueError("expected a base64-encoded image")
+    return open_field(value, str(info.field_name), _limits(info).max_input_pixels)
+
+
+def _limits(info: ValidationInfo) -> Limits:
+    limits: Limits = (info.context or {}).get("limits") or Limits()
+    return limits
 
 
 ImageField = Annotated[Any, BeforeValidator(_image)]
@@ -117,18 +121,6 @@ def split_lora_tags(prompt: str) -> tuple[str, list[dict[str, str]]]:
 LoraField = Annotated[tuple[LoraRef, ...], BeforeValidator(_lora_refs)]
 
 
-class Limits(BaseModel):
-    """Server-side caps on what one request may ask for (configurable in Settings)."""
-
-    max_images: int = Field(default=8, ge=1)
-    max_steps: int = Field(default=150, ge=1)
-    max_side: int = Field(default=2048, ge=8)
-    max_pixels: int = Field(default=2048 * 2048, ge=64)
-    max_prompt_chars: int = Field(default=4000, ge=1)
-    max_guidance: float = Field(default=30.0, ge=0)
-    max_loras: int = Field(default=8, ge=0)
-
-
 class GenerationRequest(BaseModel):
     """One client request: `num_images` images from one prompt, image i seeded with `seed + i`."""
 
@@ -170,42 +162,57 @@ class GenerationRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check_inputs(self, info: ValidationInfo) -> GenerationRequest:
-        limits: Limits = (info.context or {}).get("limits") or Limits()
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value is not None and value % 8:
-                raise _field_error(name, value, "must be a multiple of 8")
-            if value is not None and value > limits.max_side:
-                raise _field_error(name, value, f"is over the limit of {limits.max_side}")
-        if self.width and self.height and self.width * self.height > limits.max_pixels:
-            pixels = f"{self.width} x height {self.height} = {self.width * self.height} pixels"
-            raise _field_error("width", None, f"{pixels} is over the limit of {limits.max_pixels}")
+        limits = _limits(info)
+        source = self.init_image.size if self.init_image is not None else None
+        output_size(self.width, self.height, source, limits)  # checked before any pixel is decoded
         for name, value, limit in (
             ("num_images", self.num_images, limits.max_images),
             ("steps", self.steps, limits.max_steps),
             ("guidance_scale", self.guidance_scale, limits.max_guidance),
         ):
             if value is not None and value > limit:
-                raise _field_error(name, value, f"is over the limit of {limit}")
+                raise FieldError(name, value, f"is over the limit of {limit}")
         for name in ("prompt", "negative_prompt"):
             length = len(getattr(self, name) or "")
             if length > limits.max_prompt_chars:
-                raise _field_error(name, None, f"is {length} characters, over the limit of {limits.max_prompt_chars}")
+                raise FieldError(name, None, f"is {length} characters, over the limit of {limits.max_prompt_chars}")
         if len(self.loras) > limits.max_loras:
-            raise _field_error("loras", len(self.loras), f"LoRAs are over the limit of {limits.max_loras}")
+            raise FieldError("loras", len(self.loras), f"LoRAs are over the limit of {limits.max_loras}")
         names = [lora.name for lora in self.loras]
         if len(set(names)) < len(names):
-            raise _field_error("loras", names, "name each LoRA once")
+            raise FieldError("loras", names, "name each LoRA once")
         if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
-            raise _field_error("seed", self.seed, f"+ {self.num_images - 1} (one seed per image) is over {MAX_SEED}")
+            raise FieldError("seed", self.seed, f"+ {self.num_images - 1} (one seed per image) is over {MAX_SEED}")
         if self.task in (Task.IMG2IMG, Task.INPAINT) and self.init_image is None:
-            raise _field_error("init_image", None, f"is required for {self.task.value}")
+            raise FieldError("init_image", None, f"is required for {self.task.value}")
         if self.task is Task.INPAINT and self.mask_image is None:
-            raise _field_error("mask_image", None, "is required for inpaint")
+            raise FieldError("mask_image", None, "is required for inpaint")
         problem = strength_problem(self.task, self.steps, self.strength)
         if problem is not None:
-            raise _field_error("strength", self.strength, problem)
+            raise FieldError("strength", self.strength, problem)
+        for name in ("init_image", "mask_image"):  # every check passed: now the pixels
+            if (image := getattr(self, name)) is not None:
+                self.__dict__[name] = decode_field(image, name)  # frozen to clients, not to its own validator
         return self
+
+    def sized(self, limits: Limits, native: int | None) -> GenerationRequest:
+        """The request at the size it will generate (core.sizing's rule, `native` the model's size):
+        width and height filled in, the init image and mask resized to them (one resampling rule)."""
+        source = self.init_image.size if self.init_image is not None else None
+        try:
+            size = output_size(self.width, self.height, source, limits, native=native)
+        except FieldError as exc:
+            raise exc.invalid() from None
+        assert size is not None  # an init image or the native size gives one
+        init, mask = self.init_image, self.mask_image
+        return self.model_copy(
+            update={
+                "width": size[0],
+                "height": size[1],
+                "init_image": None if init is None else fit(init, size),
+                "mask_image": None if mask is None else fit(mask, size, mask=True),
+            }
+        )
 
     def with_seed(self) -> GenerationRequest:
         """Fix a random seed now, so the result reports the seed that reproduces it."""
@@ -238,16 +245,6 @@ def strength_problem(task: Task, steps: int | None, strength: float) -> str | No
     return None
 
 
-class _FieldError(ValueError):
-    def __init__(self, name: str, value: Any, reason: str) -> None:
-        super().__init__(reason)
-        self.name, self.value, self.reason = name, value, reason
-
-
-def _field_error(name: str, value: Any, reason: str) -> _FieldError:
-    return _FieldError(name, value, reason)
-
-
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -267,7 +264,7 @@ def validate_request(
     except ValidationError as exc:
         error = exc.errors()[0]
         context_error = (error.get("ctx") or {}).get("error")
-        if isinstance(context_error, _FieldError):
+        if isinstance(context_error, FieldError):
             field_name, value, reason = context_error.name, context_error.value, context_error.reason
         else:
             field_name = str(error["loc"][0]) if error["loc"] else "request"
@@ -275,7 +272,7 @@ def validate_request(
             reason = reason[0].lower() + reason[1:] if reason else reason
         shown = names.get(field_name, field_name)
         where = shown
-        if not isinstance(context_error, _FieldError):  # a nested field: loras[0].weight
+        if not isinstance(context_error, FieldError):  # a nested field: loras[0].weight
             where += "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"][1:])
         if error["type"] == "missing" or value is None:
             message = f"{where}: {reason}"

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from PIL import Image
 
 from sdserver.core.errors import Cancelled, InvalidRequest
+from sdserver.core.limits import Limits
 from sdserver.core.types import (
     SAMPLER_NAMES,
     GeneratedImage,
@@ -40,9 +41,11 @@ class Engine:
         fall_back_to_demo: bool = False,
         preload: list[str] | None = None,
         loras: LoraLibrary | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.registry = registry
         self.loras = loras or LoraLibrary(None)
+        self.limits = limits or Limits()
         self._fall_back_to_demo = fall_back_to_demo
         self._preload = preload or []
 
@@ -64,6 +67,7 @@ class Engine:
             fall_back_to_demo=not settings.model_explicit,
             preload=settings.preload,
             loras=LoraLibrary(settings.loras_dir),
+            limits=settings.limits,
         )
 
     def load(self) -> None:
@@ -93,22 +97,16 @@ class Engine:
         self.loras.check(request.loras)
         model = self.registry.get(spec.name)
         check_options(model, request)
-        values = dict(request)
         steps = request.steps or model.default_steps
         problem = strength_problem(request.task, steps, request.strength)
         if problem is not None:
             raise InvalidRequest(f"strength: {problem}, got {request.strength}", field="strength")
-        values.update(model=spec.name, steps=steps)
+        update: dict[str, object] = {"model": spec.name, "steps": steps}
         if request.guidance_scale is None:
-            values["guidance_scale"] = model.default_guidance
-        if request.init_image is not None:
-            init = _fit_to_multiple(request.init_image, 8)
-            values.update(init_image=init, width=init.width, height=init.height)
-            if request.mask_image is not None:
-                values["mask_image"] = request.mask_image.convert("L").resize(init.size, Image.Resampling.LANCZOS)
-        else:
-            values.update(width=request.width or model.native_size, height=request.height or model.native_size)
-        return PreparedRequest.model_construct(**values)
+            update["guidance_scale"] = model.default_guidance
+        native = None if request.init_image is not None else model.native_size
+        sized = request.model_copy(update=update).sized(self.limits, native)  # the one size rule (core.sizing)
+        return PreparedRequest.model_construct(**dict(sized))
 
     @contextmanager
     def session(self, name: str, loras: Sequence[LoraRef] = ()) -> Iterator[Session]:
@@ -171,15 +169,6 @@ def check_options(model: LoadedPipelines, request: GenerationRequest) -> None:
         if request.clip_skip > layers:
             reason = f"must be at most {layers} (the CLIP layers of model {request.model or 'the base model'!r})"
             raise InvalidRequest(f"clip_skip: {reason}, got {request.clip_skip}", field="clip_skip")
-
-
-def _fit_to_multiple(image: Image.Image, multiple: int) -> Image.Image:
-    """Crop-free resize down to the nearest multiple, as the pipelines would do anyway."""
-    width = max(multiple, image.width - image.width % multiple)
-    height = max(multiple, image.height - image.height % multiple)
-    if (width, height) == image.size:
-        return image
-    return image.resize((width, height), Image.Resampling.LANCZOS)
 
 
 __all__ = ["Cancelled", "Engine"]

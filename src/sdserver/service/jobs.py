@@ -12,7 +12,7 @@ from enum import StrEnum
 
 from PIL import Image
 
-from sdserver.core.errors import Cancelled, NotFound, SDServerError
+from sdserver.core.errors import Cancelled, IdempotencyKeyReused, NotFound, SDServerError
 from sdserver.core.types import GenerationRequest, GenerationResult, Progress
 
 
@@ -49,6 +49,7 @@ class Job:
     preview_every: int = 0  # steps between previews; 0: none
     preview: Image.Image | None = None  # the latest preview of the first image
     owner: str | None = None  # name of the API key that submitted it; None: no auth
+    fingerprint: str | None = None  # of the request as sent, to tell a retry from a reused Idempotency-Key
     warnings: list[str] = field(default_factory=list)  # problems that did not fail it (an image not saved)
     history_ids: list[str | None] | None = None  # each image's id in the history, once it is saved
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -166,31 +167,42 @@ class JobStore:
     def __init__(self, *, ttl_s: float = 3600.0, max_kept: int = 1000) -> None:
         self.ttl_s, self.max_kept = ttl_s, max_kept
         self._jobs: dict[str, Job] = {}
-        self._by_key: dict[str, str] = {}  # Idempotency-Key -> job id
+        self._by_key: dict[tuple[str | None, str], str] = {}  # (owner, Idempotency-Key) -> job id
         self._lock = threading.Lock()
 
     def add(self, job: Job, idempotency_key: str | None = None) -> None:
         with self._lock:
             self._jobs[job.id] = job
             if idempotency_key:
-                self._by_key[idempotency_key] = job.id
+                self._by_key[job.owner, idempotency_key] = job.id
         self.prune()
 
-    def get(self, job_id: str) -> Job:
+    def get(self, job_id: str, owner: Callable[[str | None], bool] | None = None) -> Job:
+        """The job; with `owner` (a test of the job's owner), a job that fails it is not found either:
+        another key's job is a 404, as if it did not exist."""
         with self._lock:
             job = self._jobs.get(job_id)
-        if job is None:
+        if job is None or (owner is not None and not owner(job.owner)):
             raise NotFound(f"job {job_id!r} not found (finished jobs are kept for a limited time)")
         return job
 
-    def by_idempotency_key(self, key: str) -> Job | None:
+    def by_idempotency_key(self, key: str, owner: str | None = None, fingerprint: str | None = None) -> Job | None:
+        """The job `owner` made with this key; a different request under the same key is an error."""
         with self._lock:
-            job_id = self._by_key.get(key)
-            return self._jobs.get(job_id) if job_id else None
+            job_id = self._by_key.get((owner, key))
+            job = self._jobs.get(job_id) if job_id else None
+        if job is not None and fingerprint is not None and job.fingerprint not in (None, fingerprint):
+            raise IdempotencyKeyReused(
+                f"Idempotency-Key: {key!r} was already used for another request (job {job.id}); "
+                "send a new key for a new request",
+                field="Idempotency-Key",
+            )
+        return job
 
-    def all(self) -> list[Job]:
+    def all(self, owner: Callable[[str | None], bool] | None = None) -> list[Job]:
+        """Every job, or those whose owner passes the `owner` test."""
         with self._lock:
-            return list(self._jobs.values())
+            return [job for job in self._jobs.values() if owner is None or owner(job.owner)]
 
     def prune(self, now: float | None = None) -> None:
         now = time.time() if now is None else now

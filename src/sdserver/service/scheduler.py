@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from PIL import Image
 
@@ -154,22 +154,29 @@ class Scheduler:
         idempotency_key: str | None = None,
         preview_every: int = 0,
         save: bool = False,
+        owner: str | None = None,
+        fingerprint: str | None = None,
     ) -> Job:
-        """Queue a request; bad input, a full queue or a stopped server raise before anything is queued.
+        """Queue a request for `owner`; bad input, a full queue or a stopped server raise before
+        anything is queued.
 
-        A repeated `idempotency_key` returns the job it first created instead of queueing another.
+        A repeated `idempotency_key` (per owner) returns the job it first created instead of queueing
+        another, if `fingerprint` (of the request as sent) matches; another request is refused.
         `save`: the client asks for its images to be kept in the history (the history's mode decides).
         """
+        fields = {"preview_every": preview_every, "owner": owner, "fingerprint": fingerprint}
         if not idempotency_key:
-            return self._submit(request, None, preview_every, save)
+            return self._submit(request, None, fields, save)
         with self._idempotency:  # two racing retries must not both create a job
-            existing = self.jobs.by_idempotency_key(idempotency_key)
-            return existing or self._submit(request, idempotency_key, preview_every, save)
+            existing = self.jobs.by_idempotency_key(idempotency_key, owner, fingerprint)
+            return existing or self._submit(request, idempotency_key, fields, save)
 
-    def _submit(self, request: GenerationRequest, idempotency_key: str | None, preview_every: int, save: bool) -> Job:
+    def _submit(
+        self, request: GenerationRequest, idempotency_key: str | None, fields: dict[str, Any], save: bool
+    ) -> Job:
         prepared = self.engine.prepare(request).with_seed()
         deadline = None if self.queue_timeout_s is None else time.monotonic() + self.queue_timeout_s
-        job = Job(request=prepared, deadline=deadline, preview_every=preview_every)
+        job = Job(request=prepared, deadline=deadline, **fields)
         with self._wakeup:
             job.arrival_tick = self._ticks
             if not self.accepting:
@@ -189,12 +196,13 @@ class Scheduler:
             job.remove_listener(self._count_outcome)
             self.metrics.jobs.labels(status=job.status.value).inc()
 
-    def get(self, job_id: str) -> Job:
-        return self.jobs.get(job_id)
+    def get(self, job_id: str, owner: Callable[[str | None], bool] | None = None) -> Job:
+        """The job (`owner`: a test of its owner; a job that fails it is not found)."""
+        return self.jobs.get(job_id, owner)
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str, owner: Callable[[str | None], bool] | None = None) -> Job:
         """Cancel a queued job now, or a running one at its next denoising step."""
-        job = self.get(job_id)
+        job = self.get(job_id, owner)
         with self._wakeup:
             job.cancel_requested = True
             queued = job in self._queue

@@ -228,7 +228,9 @@ class TestWebhooks:
         server = HTTPServer(("127.0.0.1", 0), Hook)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
-            client = make_client(model=str(tiny_model), allow_webhooks=True)
+            client = make_client(
+                model=str(tiny_model), allow_webhooks=True, webhook_secret="s", webhook_allowed_hosts=["127.0.0.1"]
+            )
             url = f"http://127.0.0.1:{server.server_port}/hook"
             created = submit(client, webhook_url=url, seed=9)
             wait_until(lambda: bool(received))

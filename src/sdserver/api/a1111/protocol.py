@@ -4,9 +4,9 @@ Honoured: prompt, negative_prompt, seed (-1 = random), batch_size x n_iter image
 call), steps, cfg_scale, width, height, sampler_name (or sampler_index) with scheduler (automatic,
 uniform, karras), eta, denoising_strength, init_images, mask, mask_blur, inpainting_mask_invert,
 send_images, save_images (into the server's history), override_settings (sd_model_checkpoint,
-CLIP_stop_at_last_layers). Accepted and ignored: subseed/subseed_strength (noted in `info`), styles,
-hires fix, restore_faces, tiling, scripts, resize_mode (always "just resize"), inpainting_fill,
-inpaint_full_res.
+CLIP_stop_at_last_layers). Accepted and ignored, each noted in `info.notes` when set:
+subseed/subseed_strength, styles, hires fix, restore_faces, tiling, scripts, resize_mode (always "just
+resize"), inpainting_fill, inpaint_full_res, any other field.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import json
 import time
 from typing import Any
 
-from PIL import Image, ImageFilter, ImageOps
+from PIL import ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdserver import __version__
+from sdserver.api.adapter import fitted_images, random_seed
 from sdserver.core.errors import InvalidRequest, NotFound
 from sdserver.core.types import (
     SAMPLER_ALIASES,
@@ -29,7 +30,7 @@ from sdserver.core.types import (
     Task,
     validate_request,
 )
-from sdserver.imaging import decode_image, png_base64
+from sdserver.imaging import png_base64
 from sdserver.metadata import PARAMETERS_KEY, params_of
 
 NAMES = {
@@ -72,8 +73,8 @@ class Txt2ImgBody(BaseModel):
     sampler_name: str | None = Field(default=None, description="GET /sdapi/v1/samplers; absent: the model's own")
     sampler_index: str | None = Field(default=None, description="Old name of sampler_name")
     scheduler: str | None = Field(default=None, description="automatic, uniform or karras")
-    batch_size: int = 1
-    n_iter: int = 1
+    batch_size: int = Field(default=1, ge=1, description="Images per batch; batch_size x n_iter images in all")
+    n_iter: int = Field(default=1, ge=1, description="Batches (run as one with the others)")
     steps: int = 50
     cfg_scale: float = 7.0
     width: int = 512
@@ -148,24 +149,41 @@ def sampler_of(body: Txt2ImgBody) -> str | None:
     return name
 
 
-def _image(value: str, field: str) -> Image.Image:
-    try:
-        return decode_image(value)
-    except ValueError as exc:
-        raise InvalidRequest(f"{field}: {exc}", field=field) from None
+# A1111 features sdserver does not have, by the field that turns each on: a request that turns one
+# on is told so in `info.notes`. The fields that only tune a feature that is off (hr_scale without
+# enable_hr, txt2img's denoising_strength...) need no note; nor do empty values; any other field
+# this API does not know is noted.
+UNSUPPORTED: dict[str, Any] = {
+    "enable_hr": False, "restore_faces": False, "tiling": False, "styles": None, "subseed_strength": 0.0,
+    "script_name": None, "alwayson_scripts": None, "seed_resize_from_h": 0, "seed_resize_from_w": 0,
+    "s_churn": 0, "s_tmin": 0, "s_tmax": 0, "s_noise": 1, "resize_mode": 0, "inpainting_fill": 0,
+    "inpaint_full_res": False, "refiner_checkpoint": None, "image_cfg_scale": None,
+}  # fmt: skip
+INERT = frozenset(
+    {
+        "subseed", "script_args", "denoising_strength", "do_not_save_samples", "do_not_save_grid", "comments",
+        "disable_extra_networks", "force_task_id", "infotext", "s_min_uncond", "refiner_switch_at",
+        "initial_noise_multiplier", "latent_mask", "inpaint_full_res_padding", "mask_round", "firstpass_image",
+        "sampler_index", "include_init_images", "override_settings_restore_afterwards",
+    }
+)  # fmt: skip
 
 
 def generation_request(
     body: Txt2ImgBody, task: Task, model: str | None, clip_skip: Any, limits: Limits
 ) -> GenerationRequest:
     """`model` (a registry name) and `clip_skip` come from override_settings or the options."""
+    images = body.batch_size * body.n_iter
+    if images > limits.max_images:
+        reason = f"{body.batch_size} x n_iter {body.n_iter} = {images} images is over the limit of {limits.max_images}"
+        raise InvalidRequest(f"batch_size: {reason}", field="batch_size")
     data: dict[str, Any] = {
         "task": task,
         "model": model,
         "prompt": body.prompt,
         "negative_prompt": body.negative_prompt or None,
-        "seed": None if body.seed < 0 else body.seed,
-        "num_images": body.batch_size * body.n_iter,
+        "seed": random_seed(body.seed),
+        "num_images": images,
         "steps": body.steps,
         "guidance_scale": body.cfg_scale,
         "sampler": sampler_of(body),
@@ -176,35 +194,60 @@ def generation_request(
     if body.eta is not None:
         data["eta"] = body.eta
     if isinstance(body, Img2ImgBody):
-        if not body.init_images:
-            raise InvalidRequest("init_images: at least one image is required", field="init_images")
-        size = (body.width, body.height)
-        init = _image(body.init_images[0], "init_images")
-        data["init_image"] = init if init.size == size else init.resize(size, Image.Resampling.LANCZOS)
-        if body.denoising_strength is not None:
-            data["strength"] = body.denoising_strength
-        if body.mask:
-            mask = _image(body.mask, "mask").convert("L").resize(size, Image.Resampling.LANCZOS)
-            if body.inpainting_mask_invert:
-                mask = ImageOps.invert(mask)
-            if body.mask_blur:
-                mask = mask.filter(ImageFilter.GaussianBlur(body.mask_blur))
-            data["mask_image"] = mask
-            data["task"] = Task.INPAINT
+        data.update(_img2img_inputs(body, limits))
     return validate_request(data, names=NAMES, limits=limits)
 
 
-def notes(body: Txt2ImgBody) -> list[str]:
+def _img2img_inputs(body: Img2ImgBody, limits: Limits) -> dict[str, Any]:
+    """init image and mask at width x height (the shared decoder: every limit checked before a pixel
+    is decoded), the mask inverted and blurred there as A1111 does."""
+    if not body.init_images:
+        raise InvalidRequest("init_images: at least one image is required", field="init_images")
+    init, mask = fitted_images(body.init_images[0], body.mask or None, body.width, body.height, limits, NAMES)
+    inputs: dict[str, Any] = {"init_image": init}
+    if body.denoising_strength is not None:
+        inputs["strength"] = body.denoising_strength
+    if mask is not None:
+        if body.inpainting_mask_invert:
+            mask = ImageOps.invert(mask)
+        if body.mask_blur:
+            mask = mask.filter(ImageFilter.GaussianBlur(body.mask_blur))
+        inputs.update(mask_image=mask, task=Task.INPAINT)
+    return inputs
+
+
+def notes(body: Txt2ImgBody, ignored_options: list[str] | None = None) -> list[str]:
+    """What the request asked for that sdserver did not do."""
     found = []
-    if body.subseed != -1 or body.subseed_strength:
-        found.append("subseed and subseed_strength are not supported and were ignored")
+    for name, value in [*body, *(body.model_extra or {}).items()]:
+        if _unsupported(name, value, type(body)):
+            found.append(f"{name} is not supported and was ignored")
+    for name in ignored_options or []:
+        found.append(f"override_settings.{name} has no effect on sdserver and was ignored")
     if isinstance(body, Img2ImgBody) and body.init_images and len(body.init_images) > 1:
         found.append("only the first of init_images was used")
     return found
 
 
+_INERT_PREFIXES = ("hr_", "firstphase_")
+
+
+def _unsupported(name: str, value: Any, body_type: type[Txt2ImgBody]) -> bool:
+    """Did the client turn on something sdserver does not do?"""
+    if value in (None, False, 0, "", [], {}):
+        return False
+    if name in UNSUPPORTED:
+        return bool(value != UNSUPPORTED[name])
+    # honoured, or tuning a feature that is off; else a field this API does not know
+    return not (name in body_type.model_fields or name in INERT or name.startswith(_INERT_PREFIXES))
+
+
 def response(
-    body: Txt2ImgBody, generation: GenerationRequest, result: GenerationResult | None, model_hash: str | None
+    body: Txt2ImgBody,
+    generation: GenerationRequest,
+    result: GenerationResult | None,
+    model_hash: str | None,
+    ignored_options: list[str] | None = None,
 ) -> ImagesOut:
     """A1111's response: images, the request echoed as `parameters`, and `info` (a JSON string)."""
     outs = result.images if result is not None else []
@@ -246,7 +289,7 @@ def response(
         "version": f"sdserver {__version__}",
         "nsfw": [out.nsfw for out in outs],
         "interrupted": result is None,
-        "notes": notes(body),
+        "notes": notes(body, ignored_options),
     }
     echoed = body.model_dump()
     if isinstance(body, Img2ImgBody) and not body.include_init_images:

@@ -15,13 +15,14 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from sdserver.api.adapter import fitted_images, ignored, open_header, random_seed
 from sdserver.core.errors import InvalidRequest
 from sdserver.core.types import GenerationRequest, GenerationResult, Limits, Task, validate_request
-from sdserver.imaging import encode_image, open_image, to_rgb
+from sdserver.imaging import encode_image, has_alpha, to_rgb
 
 # OpenAI's model names, as clients send them by default: they mean "the server's default model".
 OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image", "chatgpt-image")
-NAMES = {"num_images": "n", "width": "size", "height": "size", "guidance_scale": "guidance_scale"}
+NAMES = {"num_images": "n", "width": "size", "height": "size", "init_image": "image", "mask_image": "mask"}
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 VARIATION_PROMPT = "a high quality image"  # variations have no prompt; img2img needs one
 
@@ -101,6 +102,8 @@ def model_name(model: str | None) -> str | None:
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """(width, height) as sent, unchecked (the core checks them: "0x0" is no "auto"); "auto" or
+    nothing is (None, None), the model's or the image's own size."""
     if size is None or size.strip().lower() in ("", "auto"):
         return None, None
     match = _SIZE.match(size)
@@ -110,10 +113,21 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 
 
 def _core_fields(ext: Extensions) -> dict[str, Any]:
-    return {key: getattr(ext, key) for key in Extensions.model_fields if getattr(ext, key) is not None}
+    fields = {key: getattr(ext, key) for key in Extensions.model_fields if getattr(ext, key) is not None}
+    if "seed" in fields:
+        fields["seed"] = random_seed(fields["seed"])
+    return fields
+
+
+# OpenAI's fields that mean nothing for Stable Diffusion: accepted (its clients send them) and
+# noted in the request's log line when sent.
+IGNORED = ("quality", "style", "background", "moderation", "user")
 
 
 def generation_request(body: GenerationsBody, limits: Limits) -> GenerationRequest:
+    ignored(body.model_extra or {}, set())
+    sent = {name: value for name in IGNORED if (value := getattr(body, name)) is not None}
+    ignored(sent, set(), what="ignored_openai")
     width, height = parse_size(body.size)
     data = {
         **_core_fields(body),
@@ -124,21 +138,7 @@ def generation_request(body: GenerationsBody, limits: Limits) -> GenerationReque
         "width": width,
         "height": height,
     }
-    if data.get("seed") == 0:
-        data["seed"] = None
     return validate_request(data, names=NAMES, limits=limits)
-
-
-def open_upload(raw: bytes, field: str) -> Image.Image:
-    """An uploaded image as sent (alpha kept); bad data is a 400 naming `field`."""
-    try:
-        return open_image(raw)
-    except ValueError as exc:
-        raise InvalidRequest(f"{field}: {exc}", field=field) from None
-
-
-def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
 def repaint_mask(image: Image.Image) -> Image.Image:
@@ -149,8 +149,8 @@ def repaint_mask(image: Image.Image) -> Image.Image:
 
 def edit_request(
     *,
-    image: Image.Image,
-    mask: Image.Image | None,
+    image: bytes,
+    mask: bytes | None,
     prompt: str,
     model: str | None,
     n: int,
@@ -158,35 +158,35 @@ def edit_request(
     ext: Extensions,
     strength: float | None,
     limits: Limits,
+    transparency_is_mask: bool = True,
 ) -> GenerationRequest:
     """An edit: inpainting where the mask (or else the image itself) is transparent; without any
-    transparency, img2img of the whole picture."""
-    if mask is not None and not _has_alpha(mask):
+    transparency, img2img of the whole picture. Variations pass `transparency_is_mask=False`.
+
+    The images are read by the shared decoder at the size generated (`size`, else the image's own),
+    every limit checked before a pixel is decoded."""
+    width, height = parse_size(size)
+    opened_mask = None if mask is None else open_header(mask, "mask_image", limits, NAMES)
+    if opened_mask is not None and not has_alpha(opened_mask):
         raise InvalidRequest(
-            f"mask: must be a PNG with an alpha channel (its transparent pixels are repainted), got mode {mask.mode}",
+            "mask: must be a PNG with an alpha channel (its transparent pixels are repainted), "
+            f"got mode {opened_mask.mode}",
             field="mask",
         )
-    repaint = repaint_mask(mask) if mask is not None else None
-    if repaint is None and _has_alpha(image) and repaint_mask(image).getbbox() is not None:
-        repaint = repaint_mask(image)  # DALL-E 2's rule: no mask, the image's own transparency
-    width, height = parse_size(size)
-    init = to_rgb(image)
-    if width and height:
-        init = init.resize((width, height), Image.Resampling.LANCZOS)
-    if repaint is not None:
-        repaint = repaint.resize(init.size, Image.Resampling.NEAREST)
+    picture, alpha_mask = fitted_images(image, opened_mask, width, height, limits, NAMES, keep_alpha=True)
+    repaint = repaint_mask(alpha_mask) if alpha_mask is not None else None
+    if repaint is None and transparency_is_mask and repaint_mask(picture).getbbox() is not None:
+        repaint = repaint_mask(picture)  # DALL-E 2's rule: no mask, the image's own transparency
     data: dict[str, Any] = {
         **_core_fields(ext),
         "task": Task.IMG2IMG if repaint is None else Task.INPAINT,
         "prompt": prompt,
         "model": model_name(model),
         "num_images": n,
-        "init_image": init,
+        "init_image": to_rgb(picture) if transparency_is_mask else picture.convert("RGB"),
         "mask_image": repaint,
         "strength": strength if strength is not None else (0.7 if repaint is None else 1.0),
     }
-    if data.get("seed") == 0:
-        data["seed"] = None
     return validate_request(data, names=NAMES, limits=limits)
 
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from sdserver.core.types import GenerationRequest, GenerationResult, Limits, Task, validate_request
+from sdserver.api.adapter import ignored, random_seed
+from sdserver.core.types import SAMPLER_NAMES, GenerationRequest, GenerationResult, Limits, Task, validate_request
 from sdserver.imaging import png_base64
 
 # The original form fields and their defaults (read from the original server.py).
@@ -36,6 +37,8 @@ TO_CORE = {
     "init_image": "init_image",
     "mask_image": "mask_image",
     "loras": "loras",  # ours: "name:weight,name2" from loras_dir (or <lora:name:weight> in the prompt)
+    "sampler": "sampler",  # ours, as every protocol: an A1111 sampler name
+    "clip_skip": "clip_skip",  # ours, as every protocol: 1 = the last CLIP layer
 }
 TO_ORIGINAL = {core: original for original, core in TO_CORE.items()}
 SIZED_TASKS = (Task.TXT2IMG,)  # img2img and masking take their size from init_image
@@ -44,15 +47,18 @@ SIZED_TASKS = (Task.TXT2IMG,)  # img2img and masking take their size from init_i
 def to_generation_request(
     fields: Mapping[str, Any], task: Task, model: str | None, limits: Limits
 ) -> GenerationRequest:
-    values = {**DEFAULTS, **{k: v for k, v in fields.items() if k in TO_CORE and _given(k, v)}}
-    if task not in SIZED_TASKS:
-        values.pop("width", None)
-        values.pop("height", None)
-    else:
-        values.pop("strength", None)
+    # Fields the original never had on a route are ignored as it did, and logged (never silently).
+    unused: tuple[str, ...] = (
+        ("width", "height") if task not in SIZED_TASKS else ("strength", "init_image", "mask_image")
+    )
+    if task is not Task.INPAINT:
+        unused += ("mask_image",)
+    ignored(fields, set(TO_CORE) - set(unused))
+    values = {**DEFAULTS, **{k: v for k, v in fields.items() if k in TO_CORE and k not in unused and _given(k, v)}}
+    for name in unused:
+        values.pop(name, None)
     data = {TO_CORE[name]: value for name, value in values.items()}
-    if str(data.get("seed", "")).strip() in ("0", "0.0"):
-        data["seed"] = None  # the original's "no seed": pick a random one
+    data["seed"] = random_seed(data.get("seed"))  # the original's "no seed" (0): pick a random one
     return validate_request({**data, "task": task, "model": model}, names=TO_ORIGINAL, limits=limits)
 
 
@@ -67,6 +73,8 @@ def form_schema(task: Task) -> dict[str, Any]:
         "guidance_scale": {"type": "number", "default": 7.5},
         "eta": {"type": "number", "default": 0.0},
         "loras": {"type": "string", "description": "LoRAs from loras_dir, e.g. 'ink:0.8,film' (for this request)"},
+        "sampler": {"type": "string", "description": f"An A1111 sampler name: {', '.join(SAMPLER_NAMES)}"},
+        "clip_skip": {"type": "integer", "description": "1 = the last CLIP layer (no skip), 2 = the penultimate..."},
     }
     if task in SIZED_TASKS:
         properties["width"] = {"type": "integer", "default": 512, "description": "A multiple of 8"}
@@ -123,7 +131,8 @@ class CustomModelOut(BaseModel):
     requires_safety_checker: bool
 
 
-def to_response(result: GenerationResult) -> SuccessResponse:
+def to_response(result: GenerationResult | None) -> SuccessResponse:
+    assert result is not None  # only A1111 answers a cancelled request
     return SuccessResponse(
         images=[ImageOut(base64=png_base64(out.image), seed=out.seed, nsfw=out.nsfw) for out in result.images]
     )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
+from pathlib import Path
 
-from sdserver.api import waiting
-from sdserver.api.deps import SchedulerDep, SettingsDep
-from sdserver.api.fields import read_fields
+from fastapi import APIRouter, Request
+
+from sdserver.api import adapter
+from sdserver.api.deps import SettingsDep
+from sdserver.api.fields import GuardedRoute, read_fields
 from sdserver.api.original.protocol import (
     CustomModelOut,
     FailureResponse,
@@ -16,12 +17,12 @@ from sdserver.api.original.protocol import (
     to_generation_request,
     to_response,
 )
+from sdserver.api.security import PrincipalDep
 from sdserver.core.errors import NotFound
 from sdserver.core.types import Task
-from sdserver.service.scheduler import Scheduler
-from sdserver.settings import Settings
+from sdserver.settings import Settings, is_hub_id
 
-router = APIRouter(tags=["original API"])
+router = APIRouter(tags=["original API"], route_class=GuardedRoute)
 _FAILURES: dict[int | str, dict[str, object]] = {
     code: {"model": FailureResponse} for code in (400, 404, 429, 500, 503, 504)
 }
@@ -34,16 +35,24 @@ async def ping() -> dict[str, str]:
 
 
 @router.get("/custom_models", response_model=list[CustomModelOut])
-async def custom_models(settings: SettingsDep) -> list[CustomModelOut]:
-    return [CustomModelOut(**custom.model_dump()) for custom in settings.custom_models]
+async def custom_models(settings: SettingsDep, principal: PrincipalDep) -> list[CustomModelOut]:
+    """As configured. On a server with keys, only the admin sees where a model lives on disk (others
+    get its file or folder name)."""
+    out = []
+    for custom in settings.custom_models:
+        shown = custom.model_dump()
+        if settings.auth_enabled and not principal.admin and not is_hub_id(custom.model_path):
+            shown["model_path"] = Path(custom.model_path).name
+        out.append(CustomModelOut(**shown))
+    return out
 
 
-async def _generate(request: Request, scheduler: Scheduler, task: Task, model: str | None = None) -> SuccessResponse:
+async def _generate(request: Request, task: Task, model: str | None = None) -> SuccessResponse:
     fields = await read_fields(request)
     limits = request.app.state.settings.limits
-    generation = await run_in_threadpool(to_generation_request, fields, task, model, limits)
-    result = await waiting.generate(request, scheduler, generation)
-    return await run_in_threadpool(to_response, result)
+    return await adapter.serve(
+        request, lambda: to_generation_request(fields, task, model, limits), lambda _, result: to_response(result)
+    )
 
 
 def _custom(settings: Settings, url_path: str) -> str:
@@ -53,40 +62,34 @@ def _custom(settings: Settings, url_path: str) -> str:
 
 
 @router.post("/txt2img", responses=_FAILURES, openapi_extra=form_schema(Task.TXT2IMG))
-async def txt2img(request: Request, scheduler: SchedulerDep) -> SuccessResponse:
+async def txt2img(request: Request) -> SuccessResponse:
     """Text to image. Form fields: prompt, seed, num_outputs, width, height, num_inference_steps, guidance_scale."""
-    return await _generate(request, scheduler, Task.TXT2IMG)
+    return await _generate(request, Task.TXT2IMG)
 
 
 @router.post("/img2img", responses=_FAILURES, openapi_extra=form_schema(Task.IMG2IMG))
-async def img2img(request: Request, scheduler: SchedulerDep) -> SuccessResponse:
+async def img2img(request: Request) -> SuccessResponse:
     """Image to image: init_image (base64) and strength (0..1, higher changes more)."""
-    return await _generate(request, scheduler, Task.IMG2IMG)
+    return await _generate(request, Task.IMG2IMG)
 
 
 @router.post("/masking", responses=_FAILURES, openapi_extra=form_schema(Task.INPAINT))
-async def masking(request: Request, scheduler: SchedulerDep) -> SuccessResponse:
+async def masking(request: Request) -> SuccessResponse:
     """Inpainting: init_image and mask_image (white = repaint, black = keep)."""
-    return await _generate(request, scheduler, Task.INPAINT)
+    return await _generate(request, Task.INPAINT)
 
 
 @router.post("/custom/{url_path}", responses=_FAILURES, openapi_extra=form_schema(Task.TXT2IMG))
-async def custom_txt2img(
-    url_path: str, request: Request, scheduler: SchedulerDep, settings: SettingsDep
-) -> SuccessResponse:
+async def custom_txt2img(url_path: str, request: Request, settings: SettingsDep) -> SuccessResponse:
     """txt2img on a custom model from config.json's custom_models."""
-    return await _generate(request, scheduler, Task.TXT2IMG, _custom(settings, url_path))
+    return await _generate(request, Task.TXT2IMG, _custom(settings, url_path))
 
 
 @router.post("/custom/{url_path}/img2img", responses=_FAILURES, openapi_extra=form_schema(Task.IMG2IMG))
-async def custom_img2img(
-    url_path: str, request: Request, scheduler: SchedulerDep, settings: SettingsDep
-) -> SuccessResponse:
-    return await _generate(request, scheduler, Task.IMG2IMG, _custom(settings, url_path))
+async def custom_img2img(url_path: str, request: Request, settings: SettingsDep) -> SuccessResponse:
+    return await _generate(request, Task.IMG2IMG, _custom(settings, url_path))
 
 
 @router.post("/custom/{url_path}/masking", responses=_FAILURES, openapi_extra=form_schema(Task.INPAINT))
-async def custom_masking(
-    url_path: str, request: Request, scheduler: SchedulerDep, settings: SettingsDep
-) -> SuccessResponse:
-    return await _generate(request, scheduler, Task.INPAINT, _custom(settings, url_path))
+async def custom_masking(url_path: str, request: Request, settings: SettingsDep) -> SuccessResponse:
+    return await _generate(request, Task.INPAINT, _custom(settings, url_path))
