@@ -102,11 +102,15 @@ def app(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def _ready(http: httpx.Client, cli: subprocess.Popen[bytes], log: Path) -> bool:
+    """Deployed (the command says where it listens) and both replicas heard of."""
     assert cli.poll() is None, f"sdserver serve --ray exited:\n{log.read_text()[-3000:]}"
+    if "listening on" not in log.read_text():
+        return False
     try:
-        return http.get("/ready", timeout=5).status_code == 200
+        response = http.get("/ready", timeout=5)
     except httpx.HTTPError:
         return False
+    return response.status_code == 200 and response.json()["replicas"]["up"] == 2
 
 
 def cluster_state(client: httpx.Client | TestClient) -> dict[str, Any]:
