@@ -21,7 +21,7 @@ ensure_venv() {  # $1: pip extras: "" or "[test]"
     [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
     # shellcheck disable=SC1091
     . .venv/bin/activate
-    if installed "$1" || { [ -z "$1" ] && installed "[test]"; }; then
+    if installed "$1" || { [ -z "$1" ] && { installed "[test]" || installed "[test,ray]"; }; }; then
         return 0  # up to date (the test extras include everything the server needs)
     fi
     echo "Installing sdserver$1 into .venv: $TORCH_SPEC, diffusers, transformers and the rest (about 1.5 GB to" \

@@ -17,7 +17,7 @@ import typer
 
 from sdserver import __version__, cli_options, logs
 from sdserver.core.errors import ConfigError
-from sdserver.settings import DEFAULT_MODEL
+from sdserver.settings import DEFAULT_MODEL, Settings
 
 app = typer.Typer(
     help="sdserver: a local Stable Diffusion inference server.",
@@ -71,6 +71,9 @@ def serve(
         raise typer.Exit(2) from None
     logs.configure(settings.log_level, settings.log_format)
     logs.quiet_libraries()
+    if settings.ray:  # Ray Serve listens itself (its HTTP proxy on every node)
+        _serve_on_ray(settings)
+        return
     try:
         sock = bind(settings.host, settings.port)
     except OSError as exc:
@@ -105,6 +108,16 @@ def bind(host: str, port: int) -> socket.socket:
         raise
     sock.set_inheritable(True)
     return sock
+
+
+def _serve_on_ray(settings: Settings) -> None:
+    from sdserver.api.security import warn_if_exposed
+    from sdserver.cluster.launch import serve_on_ray
+
+    warn_if_exposed(settings)
+    status = serve_on_ray(settings)
+    if status:
+        raise typer.Exit(status)
 
 
 app.command(epilog=SERVE_EPILOG)(cli_options.with_setting_options(serve, SERVE_OPTIONS))

@@ -436,6 +436,63 @@ class Settings(BaseSettings):
             parse_size(size)
         return value
 
+    # Scale-out on Ray Serve (issue 16); `pip install 'sdserver[ray]'`
+    ray: bool = Field(
+        default=False,
+        description="Serve from a Ray Serve application: engine replicas (one device each) behind the same API",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="The Ray cluster to join (e.g. ray://head:10001, head:6379 or auto); none: start a local Ray",
+    )
+    replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description="Engine replicas, fixed (default: one per visible GPU, or 1 on CPUs); or use min/max_replicas",
+    )
+    min_replicas: int | None = Field(
+        default=None, ge=0, description="Autoscaling on queue depth: the fewest engine replicas (with max_replicas)"
+    )
+    max_replicas: int | None = Field(
+        default=None, ge=1, description="Autoscaling on queue depth: the most engine replicas (with min_replicas)"
+    )
+    gpus_per_replica: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs each engine replica owns (a fraction shares a GPU); default 1 where Ray sees GPUs, else 0",
+    )
+    cpus_per_replica: float = Field(
+        default=1.0, gt=0, description="CPUs each engine replica reserves (torch uses as many threads)"
+    )
+    ingress_replicas: int = Field(
+        default=1, ge=1, description="HTTP ingress replicas (any of them reads, streams and cancels any job)"
+    )
+    replica_queue: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests one engine replica holds at once, running or waiting to join its batch; more wait "
+        "in the ingress and go to the first free replica (default: 2 x max_batch_size)",
+    )
+    target_queue: float | None = Field(
+        default=None,
+        gt=0,
+        description="Autoscaling target: requests per engine replica, running or waiting (default: max_batch_size)",
+    )
+    models_per_replica: int | None = Field(
+        default=None,
+        ge=1,
+        description="Models one engine replica keeps loaded; requests go to a replica that has their model "
+        "(default: max_loaded_models)",
+    )
+    retry_running: int = Field(
+        default=0,
+        ge=0,
+        le=5,
+        description="Times a request that was running on a replica that died is run again on another (same seed, "
+        "same images); 0: it fails with 503. Queued requests are always moved to another replica",
+    )
+    ray_app_name: str = Field(default="sdserver", description="Name of the Ray Serve application")
+
 
 def parse_size(text: str) -> tuple[int, int]:
     """(width, height) from "WIDTHxHEIGHT"; ValueError naming the text otherwise."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
@@ -38,6 +38,43 @@ DOCS_CSP = (
 )
 
 
+class Backend(Protocol):
+    """Generation somewhere else than in this process (sdserver.cluster: engine replicas on Ray Serve).
+
+    It lends the app its model catalogue (`engine`), its history and extra routes, and at start-up
+    gives the scheduler that the routes submit to (same methods as service.scheduler.Scheduler)."""
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def history(self) -> History: ...
+
+    @property
+    def routers(self) -> Sequence[APIRouter]: ...
+
+    async def start(self, app: FastAPI, metrics: Metrics) -> Any: ...
+
+    async def stop(self) -> None: ...
+
+
+def add_engine_gauges(metrics: Metrics, scheduler: Scheduler, engine: Engine) -> None:
+    """The gauges read at scrape time: the queue, the loaded models, the device's memory."""
+    metrics.add_gauges(
+        "sdserver_queue",
+        "Jobs waiting (depth), and images in the running batch (running_rows)",
+        lambda: {"depth": scheduler.queue_depth, "running_rows": scheduler.running_rows},
+    )
+    metrics.add_gauges(
+        "sdserver_models",
+        "Models loaded, loads and unloads so far, bytes of loaded weights",
+        lambda: engine.stats()["models"],
+    )
+    metrics.add_gauges(
+        "sdserver_device_memory_bytes", "Accelerator memory", lambda: engine.stats()["device_memory_bytes"]
+    )
+
+
 def create_app(
     settings: Settings,
     engine: Engine | None = None,
@@ -46,6 +83,7 @@ def create_app(
     on_fatal: Callable[[], None] | None = None,
     wait_for_models: bool = True,
     on_load_error: Callable[[], None] | None = None,
+    backend: Backend | None = None,
 ) -> FastAPI:
     """Build the app. The engine's models load during start-up unless `loaded` says they already are.
 
@@ -53,6 +91,7 @@ def create_app(
     CLI) they load in a thread while the server already answers: /health 200, /ready and every route
     that needs a model 503 "loading". A failed load is logged as one "cannot start" line and
     `on_load_error` is called. `on_fatal` is called if the worker thread dies.
+    With a `backend`, requests run there instead (no engine, scheduler or history in this process).
     """
     metrics = Metrics()
 
@@ -77,19 +116,7 @@ def create_app(
             switch_after_steps=settings.switch_after_steps,
             history=app.state.history,
         )
-        metrics.add_gauges(
-            "sdserver_queue",
-            "Jobs waiting (depth), and images in the running batch (running_rows)",
-            lambda: {"depth": scheduler.queue_depth, "running_rows": scheduler.running_rows},
-        )
-        metrics.add_gauges(
-            "sdserver_models",
-            "Models loaded, loads and unloads so far, bytes of loaded weights",
-            lambda: engine_stats("models"),
-        )
-        metrics.add_gauges(
-            "sdserver_device_memory_bytes", "Accelerator memory", lambda: engine_stats("device_memory_bytes")
-        )
+        add_engine_gauges(metrics, scheduler, app.state.engine)
         scheduler.start()
         app.state.scheduler = scheduler  # from now on the routes that need a model answer
         log.info("ready: serving %s", ", ".join(app.state.engine.registry.names()))
@@ -108,6 +135,13 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if backend is not None:
+            app.state.scheduler = await backend.start(app, metrics)
+            try:
+                yield
+            finally:
+                await backend.stop()
+            return
         _log_history(app.state.history)
         if wait_for_models:
             await run_in_threadpool(start_up)
@@ -121,9 +155,6 @@ def create_app(
                 await run_in_threadpool(_finish, scheduler, settings.drain_timeout)
             await run_in_threadpool(app.state.history.close)  # finish the writes under way
 
-    def engine_stats(key: str) -> dict[str, float]:
-        return app.state.engine.stats()[key]
-
     # Swagger UI and ReDoc from files in the fastapi-offline package: /docs works with no network.
     app = FastAPIOffline(
         title="sdserver",
@@ -135,12 +166,13 @@ def create_app(
     )
     _document_auth(app, settings)
     app.state.settings = settings
-    app.state.history = History.from_settings(settings)
-    app.state.engine = engine
+    app.state.history = backend.history if backend is not None else History.from_settings(settings)
+    app.state.engine = backend.engine if backend is not None else engine
     app.state.scheduler = None
     app.state.metrics = metrics
     errors.install(app)
     for router in (
+        *(backend.routers if backend is not None else ()),
         ops.router,
         models.router,
         original_router,

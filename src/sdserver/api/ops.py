@@ -19,7 +19,11 @@ async def health() -> dict[str, str]:
 @router.get("/ready", responses={503: {"description": "loading, draining, or the worker died"}})
 async def ready(request: Request) -> Response:
     """Models loaded and the worker alive and accepting work; 503 otherwise."""
-    scheduler = request.app.state.scheduler
+    cluster = getattr(request.app.state, "cluster", None)
+    if cluster is not None:  # on Ray Serve: the engine replicas' readiness (sdserver.cluster)
+        response: Response = await cluster.ready()
+        return response
+    scheduler = getattr(request.app.state, "scheduler", None)
     if scheduler is None:
         return JSONResponse({"status": "loading"}, status_code=503)
     if not scheduler.alive:

@@ -46,6 +46,14 @@ def device_memory(device: torch.device) -> dict[str, float]:
     return {}
 
 
+def describe_device(device: torch.device) -> str:
+    """The device as an operator reads it: "cuda:0 (NVIDIA H100 80GB HBM3)", "mps", "cpu"."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
+
+
 def free_device_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()

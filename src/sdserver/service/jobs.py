@@ -83,6 +83,11 @@ class Job:
         self.status, self.started_at = JobStatus.RUNNING, time.time()
         self._notify()
 
+    def requeue(self) -> None:
+        """Back to waiting: the device running it stopped, and it will run again elsewhere (sdserver.cluster)."""
+        self.status, self.started_at, self.progress, self.preview = JobStatus.QUEUED, None, None, None
+        self._notify()
+
     def report(self, progress: Progress, preview: Image.Image | None = None) -> None:
         self.progress = progress
         if preview is not None:
