@@ -294,3 +294,18 @@ def latent_rgb(latents: torch.Tensor, factors: Sequence[Sequence[float]]) -> lis
     rgb = torch.einsum("bchw,cr->bhwr", latents, matrix)
     pixels = ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
     return [Image.fromarray(array, mode="RGB") for array in pixels]
+
+
+def keep_unmasked(state: State, *, flow: bool) -> None:
+    """Inpainting with a regular model, after each step: outside the mask, the original's latents at
+    the next step's noise level (flow models interpolate toward the noise, others add it)."""
+    known = state.extra.get("image_latents")
+    if known is None:
+        return
+    if state.index < state.total - 1:
+        upcoming = torch.tensor([state.timesteps[state.index + 1]])
+        noise = state.extra["noise"]
+        scheduler = state.scheduler
+        known = scheduler.scale_noise(known, upcoming, noise) if flow else scheduler.add_noise(known, noise, upcoming)
+    mask = state.extra["mask"]
+    state.latents = (1 - mask) * known + mask * state.latents

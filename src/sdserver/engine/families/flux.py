@@ -31,6 +31,7 @@ from sdserver.engine.families.base import (
     State,
     bound,
     generators,
+    keep_unmasked,
     latent_rgb,
     stacked,
     step_kwargs,
@@ -234,15 +235,8 @@ class Flux(Family):
         return prediction
 
     def after_step(self, model: LoadedPipelines, state: State) -> None:
-        """Inpainting with a regular model: outside the mask, the original at the next noise level."""
-        known = state.extra.get("image_latents")
-        if known is None:
-            return
-        if state.index < state.total - 1:
-            upcoming = torch.tensor([state.timesteps[state.index + 1]])
-            known = state.scheduler.scale_noise(known, upcoming, state.extra["noise"])
-        mask = state.extra["mask"]
-        state.latents = (1 - mask) * known + mask * state.latents
+        """Inpainting with a regular model: outside the mask, the original (base.keep_unmasked)."""
+        keep_unmasked(state, flow=True)
 
     # -- 4. finish -----------------------------------------------------------------------------
     def decode(self, model: LoadedPipelines, states: Sequence[State]) -> list[Image.Image]:

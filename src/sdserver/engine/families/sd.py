@@ -36,6 +36,7 @@ from sdserver.engine.families.base import (
     State,
     bound,
     generators,
+    keep_unmasked,
     stacked,
     step_kwargs,
 )
@@ -205,15 +206,8 @@ class StableDiffusion(Family):
         return None
 
     def after_step(self, model: LoadedPipelines, state: State) -> None:
-        """A regular model inpainting: outside the mask, the original's latents at the next noise level."""
-        known = state.extra.get("image_latents")
-        if known is None:
-            return
-        if state.index < state.total - 1:
-            upcoming = torch.tensor([state.timesteps[state.index + 1]])
-            known = state.scheduler.add_noise(known, state.extra["noise"], upcoming)
-        mask = state.extra["mask"]
-        state.latents = (1 - mask) * known + mask * state.latents
+        """Inpainting with a regular model: outside the mask, the original (base.keep_unmasked)."""
+        keep_unmasked(state, flow=False)
 
     # -- 4. finish -----------------------------------------------------------------------------
     def decode(self, model: LoadedPipelines, states: Sequence[State]) -> list[Image.Image]:
