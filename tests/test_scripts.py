@@ -91,8 +91,8 @@ def test_a_changed_pyproject_or_torch_spec_installs_again(checkout: Path, change
 def test_the_test_install_covers_the_server_but_not_the_other_way_round(checkout: Path) -> None:
     assert run(checkout, "serve-demo.sh").returncode == 0
     tests = run(checkout, "test.sh", "-q")
-    assert tests.returncode == 0 and tests.stderr.startswith("Installing sdserver[test]")
-    assert pip_installs(checkout)[-1] == ".[test]" and calls(checkout)[-1] == "python -m pytest -q"
+    assert tests.returncode == 0 and tests.stderr.startswith("Installing sdserver[test,ray]")
+    assert pip_installs(checkout)[-1] == ".[test,ray]" and calls(checkout)[-1] == "python -m pytest -q"
     installs = len(pip_installs(checkout))
     assert run(checkout, "serve-demo.sh").stderr == ""
     assert run(checkout, "test.sh").stderr == ""
