@@ -158,15 +158,15 @@ def check_files_and_json(block: str, demo: str, scratch: Path) -> None:
         one_shape(pixels, "yellow", "circle")
     masked = first_image(scratch / "masking.json")
     assert (masked[~mask] == sent[~mask]).all(), "masking returns the pixels outside the mask as sent"
-    one_shape(first_image(scratch / "json.json"), "red", "circle")
+    one_shape(first_image(scratch / "json.json"), "red", "circle", "blue")
 
 
 def check_cli(block: str, demo: str, scratch: Path) -> None:
     output = run(block, demo, scratch).splitlines()
     assert output[0] == "wrote out.png (seed 42, 64x64, 20 steps)"
-    assert output[1] == "wrote square.webp (seed 7, 128x128, 20 steps)"
+    assert output[1] == "wrote square.webp (seed 7, 64x64, 20 steps)"
     one_shape(image(scratch / "out.png"), "red", "circle", "blue")
-    one_shape(image(scratch / "square.webp"), "yellow", "square")
+    one_shape(image(scratch / "square.webp"), "yellow", "square", "black")
 
 
 def check_jobs(block: str, demo: str, scratch: Path) -> None:
@@ -184,6 +184,18 @@ def check_docker(block: str, demo: str, scratch: Path) -> None:
     assert "docker compose up -d" in block and compose["services"]["sdserver"]["build"]["args"]["TORCH"] == "cu128"
 
 
+def check_scale_out(block: str, demo: str, scratch: Path) -> None:
+    """Run for real by tests/cluster/test_ray.py (a two-node Ray cluster); here: the extra exists and
+    the command's options are the CLI's."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert "pip install 'sdserver[ray]'" in block and re.search(r"^ray = \[", pyproject, flags=re.MULTILINE)
+    command = next(line for line in block.splitlines() if line.startswith("sdserver serve"))
+    flags = [word for word in command.split() if word.startswith("--")]
+    help_text = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output
+    assert all(flag in help_text for flag in flags), (flags, help_text)
+    assert "--ray" in flags and "--replicas" in flags
+
+
 BASH_CHECKS: dict[str, Callable[[str, str, Path], None]] = {
     "bash scripts/serve-demo.sh": check_serve_demo,
     "bash scripts/test.sh": check_test_command,
@@ -197,6 +209,7 @@ BASH_CHECKS: dict[str, Callable[[str, str, Path], None]] = {
     ),
     "id=$(curl -s localhost:1337/v1/jobs -H 'content-type: application/json' \\": check_jobs,
     "docker build -t sdserver .                                   # CPU": check_docker,
+    "pip install 'sdserver[ray]'": check_scale_out,
 }
 
 
