@@ -325,9 +325,10 @@ def live(tiny_model: Path) -> Iterator[LiveServer]:
     server.stop()
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def restore_logging() -> Iterator[None]:
-    """`sdserver serve` run in-process installs its own log handler: put pytest's back afterwards."""
+    """The CLI run in-process (serve, generate) installs its own log handler, on a stream the runner
+    closes afterwards: put pytest's back after every test."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     yield

@@ -599,6 +599,10 @@ def test_14_the_original_api_honours_sampler_and_clip_skip(http: httpx.Client, r
     assert "Sampler: Euler a" in infotext and "Clip skip: 2" in infotext
 
 
+def _access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [json.loads(record.getMessage()) for record in caplog.records if record.name == "sdserver.access"]
+
+
 def test_14_fields_not_taken_are_said_to_be_ignored(http: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="sdserver.access"):
         http.post(
@@ -607,7 +611,9 @@ def test_14_fields_not_taken_are_said_to_be_ignored(http: httpx.Client, caplog: 
         http.post("/v1/images/generations", json={"prompt": "x", "size": "64x64", "steps": 2, "quality": "hd"})
         edit = {**OPENAI, "quality": "hd", "colour": "red"}
         http.post("/v1/images/edits", data=edit, files=_multipart_image(png((64, 64))))
-    lines = [json.loads(record.getMessage()) for record in caplog.records if record.name == "sdserver.access"]
+        # each access line is written once its response has gone out: wait for the last one
+        wait_until(lambda: len(_access_lines(caplog)) >= 3)
+    lines = _access_lines(caplog)
     assert lines[0]["ignored_fields"] == ["colour"] and lines[1]["ignored_openai"] == ["quality"]
     assert (lines[2]["ignored_fields"], lines[2]["ignored_openai"]) == (["colour"], ["quality"])
     sent = {"enable_hr": True, "hr_scale": 2, "restore_faces": False, "override_settings": {"samples_format": "jpg"}}
