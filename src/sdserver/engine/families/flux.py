@@ -19,26 +19,21 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from PIL import Image
 
 from sdserver.core.types import PreparedRequest, Task
-from sdserver.engine import flowfiles
 from sdserver.engine.families.base import (
     NO_CHECKER,
     Conditioning,
     Description,
-    Family,
-    FileOptions,
     Options,
-    Shapes,
     State,
     bound,
     generators,
-    keep_unmasked,
     latent_rgb,
     stacked,
     step_kwargs,
 )
-from sdserver.engine.families.sd import _inpaint_inputs, _json, _postprocess
-from sdserver.engine.families.sd3 import SD3_LATENT_RGB, flow_description
-from sdserver.engine.samplers import FLOW_SAMPLERS, scheduler_for
+from sdserver.engine.families.flow import FlowFamily, strength
+from sdserver.engine.families.sd import _inpaint_inputs, _json
+from sdserver.engine.samplers import scheduler_for
 
 if TYPE_CHECKING:
     from sdserver.engine.loaders import LoadedPipelines
@@ -46,7 +41,7 @@ if TYPE_CHECKING:
 FILL_PIPELINE = "FluxFillPipeline"
 
 
-class Flux(Family):
+class Flux(FlowFamily):
     name = "flux"
     kinds: ClassVar[tuple[str, ...]] = ("flux",)
     pipeline_classes: ClassVar[tuple[str, ...]] = (
@@ -58,9 +53,6 @@ class Flux(Family):
     options = Options(negative_prompt=False, guidance="distilled", eta=False, clip_skip=False)
     default_steps = 28
     default_guidance = 3.5
-    latent_channels = 16
-    samplers = FLOW_SAMPLERS
-    preview_factors = SD3_LATENT_RGB  # the same 16-channel VAE family; approximate colours suffice
 
     def describe_index(self, index: dict[str, Any], folder: Path, source: str) -> Description:
         fill = index.get("_class_name") == FILL_PIPELINE
@@ -69,21 +61,8 @@ class Flux(Family):
             fill = isinstance(channels, int) and channels > 64
         return Description("flux", fill)
 
-    def detect_file(self, path: Path, shapes: Shapes | None, options: FileOptions) -> Description | None:
-        return flow_description(self.name, path, shapes)
-
-    def load_file(self, path: Path, dtype: torch.dtype, options: FileOptions) -> Any:
-        return flowfiles.load_pipeline(path, dtype, options.encoders_for(self.name), options.token)
-
-    def denoiser(self, pipe: Any) -> torch.nn.Module:
-        transformer: torch.nn.Module = pipe.transformer
-        return transformer
-
     def is_inpainting(self, pipe: Any) -> bool:
         return int(pipe.transformer.config.in_channels) > int(pipe.vae.config.latent_channels) * 4
-
-    def native_size(self, pipe: Any) -> int:
-        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
 
     def defaults(self, pipe: Any) -> tuple[int, float]:
         if not pipe.transformer.config.guidance_embeds:  # schnell: 4 steps, no guidance
@@ -153,8 +132,7 @@ class Flux(Family):
         )
         state.timesteps, _ = retrieve_timesteps(scheduler, steps, pipe._execution_device, sigmas=sigmas, mu=mu)
         if cut:
-            strength = 1.0 if request.task is Task.TXT2IMG else request.strength
-            state.timesteps, _ = pipe.get_timesteps(steps, strength, pipe._execution_device)
+            state.timesteps, _ = pipe.get_timesteps(steps, strength(request), pipe._execution_device)
         else:
             scheduler.set_begin_index(0)
 
@@ -234,10 +212,6 @@ class Flux(Family):
         )[0]
         return prediction
 
-    def after_step(self, model: LoadedPipelines, state: State) -> None:
-        """Inpainting with a regular model: outside the mask, the original (base.keep_unmasked)."""
-        keep_unmasked(state, flow=True)
-
     # -- 4. finish -----------------------------------------------------------------------------
     def decode(self, model: LoadedPipelines, states: Sequence[State]) -> list[Image.Image]:
         pipe = model.txt2img
@@ -245,9 +219,7 @@ class Flux(Family):
         latents = pipe._unpack_latents(
             torch.cat([state.latents for state in states]), request.height, request.width, pipe.vae_scale_factor
         )
-        config = pipe.vae.config
-        pixels = pipe.vae.decode(latents / config.scaling_factor + config.shift_factor, return_dict=False)[0]
-        return _postprocess(pipe, pixels)
+        return self.decode_latents(pipe, latents)
 
     def previews(self, latents: torch.Tensor, state: State) -> list[Image.Image]:
         from diffusers import FluxPipeline

@@ -13,40 +13,27 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
-from PIL import Image
 
 from sdserver.core.types import PreparedRequest, Task
-from sdserver.engine import flowfiles
 from sdserver.engine.families.base import (
     Conditioning,
     Description,
-    Family,
-    FileOptions,
     Options,
-    Shapes,
     State,
     bound,
     generators,
-    keep_unmasked,
     stacked,
     step_kwargs,
 )
-from sdserver.engine.families.sd import _inpaint_inputs, _json, _postprocess
-from sdserver.engine.samplers import FLOW_SAMPLERS, scheduler_for
+from sdserver.engine.families.flow import FlowFamily, strength
+from sdserver.engine.families.sd import _inpaint_inputs, _json
+from sdserver.engine.samplers import scheduler_for
 
 if TYPE_CHECKING:
     from sdserver.engine.loaders import LoadedPipelines
 
-# A linear fit of SD3's 16 latent channels to RGB (previews only).
-SD3_LATENT_RGB = (
-    (-0.0645, 0.0177, 0.1052), (0.0028, 0.0312, 0.0650), (0.1848, 0.0762, 0.0360), (0.0944, 0.0360, 0.0889),
-    (0.0897, 0.0506, -0.0364), (-0.0020, 0.1203, 0.0284), (0.0855, 0.0118, 0.0283), (-0.0539, 0.0658, 0.1047),
-    (-0.0057, 0.0116, 0.0700), (-0.0412, 0.0281, -0.0039), (0.1106, 0.1171, 0.1220), (-0.0248, 0.0682, -0.0481),
-    (0.0815, 0.0846, 0.1207), (-0.0120, -0.0055, -0.0867), (-0.0749, -0.0634, -0.0456), (-0.1418, -0.1457, -0.1259),
-)  # fmt: skip
 
-
-class StableDiffusion3(Family):
+class StableDiffusion3(FlowFamily):
     name = "sd3"
     kinds: ClassVar[tuple[str, ...]] = ("sd3",)
     pipeline_classes: ClassVar[tuple[str, ...]] = (
@@ -57,9 +44,6 @@ class StableDiffusion3(Family):
     options = Options(eta=False, clip_skip=True)
     default_steps = 28
     default_guidance = 7.0
-    latent_channels = 16
-    samplers = FLOW_SAMPLERS
-    preview_factors = SD3_LATENT_RGB
 
     def describe_index(self, index: dict[str, Any], folder: Path, source: str) -> Description:
         channels = _json(folder / "transformer" / "config.json").get("in_channels")
@@ -69,21 +53,8 @@ class StableDiffusion3(Family):
         # diffusers lists T5 as required: a folder saved without it loads only with explicit Nones
         return {"text_encoder_3": None, "tokenizer_3": None} if index.get("text_encoder_3") == [None, None] else {}
 
-    def detect_file(self, path: Path, shapes: Shapes | None, options: FileOptions) -> Description | None:
-        return flow_description(self.name, path, shapes)
-
-    def load_file(self, path: Path, dtype: torch.dtype, options: FileOptions) -> Any:
-        return flowfiles.load_pipeline(path, dtype, options.encoders_for(self.name), options.token)
-
-    def denoiser(self, pipe: Any) -> torch.nn.Module:
-        transformer: torch.nn.Module = pipe.transformer
-        return transformer
-
     def is_inpainting(self, pipe: Any) -> bool:
         return int(pipe.transformer.config.in_channels) == 33
-
-    def native_size(self, pipe: Any) -> int:
-        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
 
     # -- 1. encode -----------------------------------------------------------------------------
     def encode(self, model: LoadedPipelines, request: PreparedRequest) -> Conditioning:
@@ -138,7 +109,7 @@ class StableDiffusion3(Family):
             )
         state.timesteps, _ = retrieve_timesteps(scheduler, request.steps, pipe.device, **extra)
         if cut:
-            state.timesteps, _ = pipe.get_timesteps(request.steps, _strength(request), pipe.device)
+            state.timesteps, _ = pipe.get_timesteps(request.steps, strength(request), pipe.device)
 
     def _start_txt2img(self, model: LoadedPipelines, state: State, dtype: torch.dtype) -> None:
         request, pipe = state.request, model.txt2img
@@ -201,30 +172,6 @@ class StableDiffusion3(Family):
             return_dict=False,
         )[0]
         return prediction
-
-    def after_step(self, model: LoadedPipelines, state: State) -> None:
-        """Inpainting with a regular model: outside the mask, the original (base.keep_unmasked)."""
-        keep_unmasked(state, flow=True)
-
-    # -- 4. finish -----------------------------------------------------------------------------
-    def decode(self, model: LoadedPipelines, states: Sequence[State]) -> list[Image.Image]:
-        pipe = model.txt2img
-        latents = torch.cat([state.latents for state in states])
-        config = pipe.vae.config
-        pixels = pipe.vae.decode(latents / config.scaling_factor + config.shift_factor, return_dict=False)[0]
-        return _postprocess(pipe, pixels)
-
-
-def flow_description(family: str, path: Path, shapes: Shapes | None) -> Description | None:
-    """An SD3/FLUX single file (all-in-one, transformer only, or GGUF) of `family`, from its header."""
-    found = flowfiles.detect_shapes(shapes, path) if shapes is not None else None
-    if found is None or found.family != family:
-        return None
-    return Description(family, found.variant == "flux-fill")
-
-
-def _strength(request: PreparedRequest) -> float:
-    return 1.0 if request.task is Task.TXT2IMG else request.strength
 
 
 FAMILY = StableDiffusion3()
