@@ -288,14 +288,18 @@ class Scheduler:
         if self._on_worker_death is not None:
             self._on_worker_death()
 
+    def _wait_for_work(self) -> bool:
+        """With the lock held: block until a job waits. False once stopping with none left."""
+        while not self._queue and not self._stopping:
+            self._wakeup.wait()
+        return bool(self._queue)
+
     # -- step-level batching ----------------------------------------------------------------------
     def _next_first(self) -> Job | None:
         """The oldest job still wanted (blocks until there is one); None once stopping."""
         while True:
             with self._wakeup:
-                while not self._queue and not self._stopping:
-                    self._wakeup.wait()
-                if self._stopping and not self._queue:
+                if not self._wait_for_work():
                     return None
                 first = self._queue.popleft()
                 self._running = [first]  # out of the queue: from now on stop() must see it here
@@ -362,9 +366,7 @@ class Scheduler:
     # -- request-level batching -------------------------------------------------------------------
     def _next_batch(self) -> list[Job] | None:
         with self._wakeup:
-            while not self._queue and not self._stopping:
-                self._wakeup.wait()
-            if self._stopping and not self._queue:
+            if not self._wait_for_work():
                 return None
             first = self._queue.popleft()
             batch, images = [first], first.request.num_images
