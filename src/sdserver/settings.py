@@ -173,6 +173,15 @@ class Settings(BaseSettings):
         description="Also load this model at start (repeat; 'all' for every model); others load on first use",
     )
     loras_dir: str | None = Field(default=None, description="Folder of LoRA .safetensors files that requests may name")
+    upscalers_dir: str | None = Field(
+        default=None, description="Folder of upscaler models (ESRGAN, Real-ESRGAN, SwinIR, ...: any spandrel reads)"
+    )
+    controlnet_dir: str | None = Field(
+        default=None, description="Folder of ControlNet models (diffusers folders or single files) requests may name"
+    )
+    embeddings_dir: str | None = Field(
+        default=None, description="Folder of textual-inversion embeddings (.pt, .safetensors), used by name in prompts"
+    )
     host: str = Field(default="127.0.0.1", description="Address to listen on (0.0.0.0: every interface)")
     port: int = Field(default=1337, ge=0, le=65535, description="Port to listen on (0: any free port)")
     device: str = Field(default="auto", description="auto (CUDA, then Apple MPS, then CPU), cuda, cuda:N, mps or cpu")
@@ -543,7 +552,7 @@ def _check_paths(settings: Settings) -> None:
     if model and model != DEMO_MODEL and looks_like_path(model) and not Path(model).expanduser().exists():
         kind = "file" if Path(model).suffix.lower() in SINGLE_FILE_SUFFIXES else "file or folder"
         raise ConfigError(f"model {model!r}: no such {kind}")
-    for name in ("models_dir", "loras_dir"):
+    for name in ("models_dir", "loras_dir", "upscalers_dir", "controlnet_dir", "embeddings_dir"):
         folder = getattr(settings, name)
         if folder is not None and not Path(folder).expanduser().is_dir():
             raise ConfigError(f"{name} {folder!r} is not a folder")

@@ -372,3 +372,35 @@ def test_a_dead_worker_fails_waiting_jobs_and_reports_it(engine: FakeEngine, bat
     assert deaths == [True]
     with pytest.raises(Unavailable):
         scheduler.submit(request("after death"))
+
+
+class TestCalls:
+    """Device work that is not a generation (an upscale) runs on the worker thread, in turn."""
+
+    def test_a_call_runs_on_the_worker_thread_when_idle(self, scheduler: Scheduler) -> None:
+        future = scheduler.call(lambda: threading.current_thread().name)
+        assert future.result(5) == "sdserver-worker"
+
+    def test_a_call_runs_between_the_steps_of_a_running_job(self, engine: FakeEngine, scheduler: Scheduler) -> None:
+        engine.gate.clear()
+        job = scheduler.submit(request("long", steps=3))
+        assert engine.started.wait(5)
+        future = scheduler.call(lambda: "done")
+        engine.gate.set()
+        assert future.result(5) == "done"
+        job.wait(5)
+
+    def test_a_failing_call_fails_alone(self, scheduler: Scheduler) -> None:
+        def broken() -> None:
+            raise ValueError("bad upscaler")
+
+        with pytest.raises(ValueError, match="bad upscaler"):
+            scheduler.call(broken).result(5)
+        assert scheduler.submit(request()).wait(5).images
+
+    def test_stop_answers_waiting_calls(self, engine: FakeEngine, scheduler: Scheduler) -> None:
+        hold(engine, scheduler)
+        future = scheduler.call(lambda: "never")
+        scheduler.stop(timeout=0.1)
+        with pytest.raises(Unavailable):
+            future.result(5)

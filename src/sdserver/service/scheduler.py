@@ -22,7 +22,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol
+from concurrent.futures import Future
+from typing import Any, Literal, Protocol, TypeVar
 
 from PIL import Image
 
@@ -41,6 +42,8 @@ from sdserver.service.metrics import Metrics
 from sdserver.service.running import RunningSet, SessionOpener, group_key
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class EngineLike(Protocol):
@@ -88,6 +91,7 @@ class Scheduler:
         self.queue_timeout_s = queue_timeout_s
         self.jobs = jobs if jobs is not None else JobStore()
         self._queue: deque[Job] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()  # device work that is not a job
         self.metrics = metrics if metrics is not None else Metrics()
         self._on_worker_death = on_worker_death
         self.history = history  # keeps finished jobs' images (service/history.py)
@@ -132,12 +136,15 @@ class Scheduler:
             self._stopping = True
             leftovers = list(self._queue)
             self._queue.clear()
+            calls = self._take_calls()
             for job in self._running:
                 job.cancel_requested = True
             running = list(self._running)
             self._wakeup.notify_all()
         for job in leftovers:
             job.fail(Unavailable("the server is shutting down; the request was not run"))
+        for future in calls:
+            future.set_exception(Unavailable("the server is shutting down; the request was not run"))
         if at_once:
             for job in running:  # the worker's own outcome for them is then ignored
                 job.fail(Unavailable("the server shut down before this request finished"))
@@ -228,6 +235,39 @@ class Scheduler:
             job.fail(self._cancelled("cancelled while queued"))
         return job
 
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run `fn` on the worker thread, the device's only user, between two denoising steps (or
+        batches): device work that is not a generation, e.g. an upscale. Its outcome is the future's."""
+        future: Future[T] = Future()
+        with self._wakeup:
+            if not self.accepting:
+                raise Unavailable("the server is not accepting work (starting, shutting down, or its worker stopped)")
+            if len(self._calls) >= self.max_queue:
+                raise Overloaded(f"the queue is full ({self.max_queue} waiting); retry shortly")
+            self._calls.append((fn, future))
+            self._wakeup.notify_all()
+        return future
+
+    def _run_calls(self) -> None:
+        """Run the waiting calls (on the worker thread)."""
+        while True:
+            with self._wakeup:
+                if not self._calls:
+                    return
+                fn, future = self._calls.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # the caller gets it; the worker lives on
+                future.set_exception(exc)
+
+    def _take_calls(self) -> list[Future[Any]]:
+        """With the lock held: the waiting calls' futures, removed from the queue."""
+        futures = [future for _, future in self._calls]
+        self._calls.clear()
+        return futures
+
     def _cancelled(self, reason: str) -> SDServerError:
         """Past stop(), a cancelled job was cut short by the shutdown: say so (503), whoever asked."""
         return Unavailable("the server shut down before this request finished") if self._stopping else Cancelled(reason)
@@ -282,15 +322,26 @@ class Scheduler:
             self._accepting = False
             leftovers = list(self._queue) + in_hand
             self._queue.clear()
+            calls = self._take_calls()
             self._wakeup.notify_all()
         for job in leftovers:  # already-finished jobs ignore this
             job.fail(Unavailable("the server's worker stopped; the request was not completed"))
+        for future in calls:
+            future.set_exception(Unavailable("the server's worker stopped; the request was not completed"))
         if self._on_worker_death is not None:
             self._on_worker_death()
 
     def _wait_for_work(self) -> bool:
-        """With the lock held: block until a job waits. False once stopping with none left."""
+        """With the lock held: block until a job waits (running the waiting calls meanwhile). False once
+        stopping with no job left."""
         while not self._queue and not self._stopping:
+            if self._calls:
+                self._wakeup.release()
+                try:
+                    self._run_calls()
+                finally:
+                    self._wakeup.acquire()
+                continue
             self._wakeup.wait()
         return bool(self._queue)
 
@@ -321,6 +372,7 @@ class Scheduler:
                         running.admit(job)
                     self.metrics.joins_per_step.observe(len(joiners))
                     self._set_running(running.jobs)
+                    self._run_calls()
                     running.tick()
                     with self._wakeup:
                         self._ticks += 1
@@ -403,6 +455,7 @@ class Scheduler:
             job.mark_running()
             self.metrics.queue_wait_seconds.observe(time.monotonic() - job.enqueued_at)
         self.metrics.batch_images.observe(sum(job.request.num_images for job in batch))
+        self._run_calls()
         try:
             outputs = self.engine.run([job.request for job in batch], self._progress_reporter(batch))
         except Cancelled as exc:
