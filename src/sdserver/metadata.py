@@ -36,7 +36,11 @@ def parameters_for(
     model_hash: str | None,
     sampler: str,
 ) -> dict[str, Any]:
-    """The structured parameters of one generated image (the `parameters_json` chunk)."""
+    """The structured parameters of one generated image (the `parameters_json` chunk). A hires fix's
+    second pass is described as A1111 does: the first pass's prompt, steps and size, plus `hires`."""
+    second = request
+    first: GenerationRequest | None = getattr(request, "first_pass", None)
+    request = first if first is not None else request
     params: dict[str, Any] = {
         # A1111 keeps LoRA tags in the prompt: pasting the parameters back reproduces the image.
         "prompt": " ".join([request.prompt, *(f"<lora:{lora.name}:{lora.weight:g}>" for lora in request.loras)]),
@@ -55,20 +59,41 @@ def parameters_for(
         "denoising_strength": None if request.task.value == "txt2img" else request.strength,
         "software": f"sdserver {__version__}",
     }
+    if first is not None and second.hires is not None:
+        hires = second.hires
+        params["denoising_strength"] = hires.strength
+        params["hires"] = {
+            "first_pass_size": [first.width, first.height],
+            "upscale": hires.scale if not (hires.width or hires.height) else None,
+            "resize": [width, height] if hires.width or hires.height else None,
+            "steps": hires.steps,
+            "upscaler": hires.upscaler,
+            "sampler": hires.sampler,
+            "prompt": hires.prompt or None,
+            "negative_prompt": hires.negative_prompt or None,
+        }
     return params
 
 
 def infotext(params: Mapping[str, Any]) -> str:
     """AUTOMATIC1111's parameters text for `params` (as made by `parameters_for`)."""
+    hires: Mapping[str, Any] = params.get("hires") or {}
     fields: list[tuple[str, Any]] = [
         ("Steps", params.get("steps")),
         ("Sampler", params.get("sampler")),
         ("CFG scale", _number(params.get("cfg_scale"))),
         ("Seed", params.get("seed")),
-        ("Size", f"{params.get('width')}x{params.get('height')}"),
+        ("Size", "{}x{}".format(*(hires.get("first_pass_size") or (params.get("width"), params.get("height"))))),
         ("Model hash", (params.get("model_hash") or "")[:10] or None),
         ("Model", params.get("model")),
         ("Denoising strength", _number(params.get("denoising_strength"))),
+        ("Hires prompt", hires.get("prompt")),
+        ("Hires negative prompt", hires.get("negative_prompt")),
+        ("Hires upscale", _number(hires.get("upscale"))),
+        ("Hires resize", "{}x{}".format(*hires["resize"]) if hires.get("resize") else None),
+        ("Hires steps", hires.get("steps")),
+        ("Hires upscaler", hires.get("upscaler")),
+        ("Hires sampler", hires.get("sampler")),
         ("Clip skip", params.get("clip_skip")),
         ("Version", params.get("software")),
     ]

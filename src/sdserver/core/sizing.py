@@ -82,3 +82,22 @@ def _floor(side: int) -> int:
 
 def _round(side: float) -> int:
     return max(MULTIPLE, round(side / MULTIPLE) * MULTIPLE)
+
+
+def hires_size(
+    first: tuple[int, int], scale: float, width: int | None, height: int | None, limits: Limits
+) -> tuple[int, int]:
+    """A hires fix's second-pass size: `width` x `height` as sent (A1111's hr_resize_x/y; one of them:
+    the other keeps the first pass's aspect), else `scale` x the first pass's size; in multiples of 8.
+    FieldError (named `hires`) where it is over the limits."""
+    first_width, first_height = first
+    if width and height:
+        size = (_round(width), _round(height))
+    elif width:
+        size = (_round(width), _round(first_height * width / first_width))
+    elif height:
+        size = (_round(first_width * height / first_height), _round(height))
+    else:
+        size = (_round(first_width * scale), _round(first_height * scale))
+    _check_derived("hires", f"the second pass would be {size[0]}x{size[1]}", size, limits)
+    return size

@@ -120,6 +120,48 @@ def split_lora_tags(prompt: str) -> tuple[str, list[dict[str, str]]]:
 
 LoraField = Annotated[tuple[LoraRef, ...], BeforeValidator(_lora_refs)]
 
+# A1111's latent upscalers for the hires fix: the first pass's latents are resized (torch's
+# interpolate modes), not its decoded image.
+LATENT_UPSCALERS = {
+    "latent": ("bilinear", False), "latent (antialiased)": ("bilinear", True), "latent (bicubic)": ("bicubic", False),
+    "latent (bicubic antialiased)": ("bicubic", True), "latent (nearest)": ("nearest", False),
+    "latent (nearest-exact)": ("nearest-exact", False),
+}  # fmt: skip
+
+
+class HiresFix(BaseModel):
+    """A1111's hires fix (txt2img): after the first pass, upscale to `width` x `height` (or `scale` x the
+    first pass's size) with `upscaler`, then run an img2img pass at `strength` there, in the same job."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scale: float = Field(default=2.0, ge=1.0, le=8.0, allow_inf_nan=False)
+    width: int | None = Field(default=None, ge=0, le=8192)  # 0 or None: from scale (or the other side's aspect)
+    height: int | None = Field(default=None, ge=0, le=8192)
+    upscaler: str = Field(default="Latent", min_length=1, max_length=200)  # Latent..., Lanczos, Nearest, a model
+    steps: int | None = Field(default=None, ge=0)  # 0 or None: the first pass's steps
+    strength: float = Field(default=0.7, ge=0.0, le=1.0, allow_inf_nan=False)
+    sampler: str | None = None  # None: the first pass's
+    prompt: str | None = None  # None or "": the first pass's
+    negative_prompt: str | None = None
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _sampler(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return canonical_sampler(value) if value.strip() else None
+        return value
+
+    @property
+    def latent(self) -> tuple[str, bool] | None:
+        """(interpolation mode, antialias) for a latent upscaler; None for an image upscaler."""
+        return LATENT_UPSCALERS.get(self.upscaler.strip().lower())
+
+    @property
+    def denoising_steps(self) -> int:
+        """Steps the second pass runs (img2img: steps x strength), once `steps` is filled in."""
+        return int((self.steps or 0) * self.strength)
+
 
 class GenerationRequest(BaseModel):
     """One client request: `num_images` images from one prompt, image i seeded with `seed + i`."""
@@ -143,6 +185,7 @@ class GenerationRequest(BaseModel):
     sampler: str | None = None  # an A1111 sampler name (SAMPLER_NAMES); None: the model's own scheduler
     clip_skip: int | None = Field(default=None, ge=1, le=12)  # A1111's: 1 = last CLIP layer, 2 = penultimate
     loras: LoraField = ()  # also read from <lora:name:weight> tags in the prompt
+    hires: HiresFix | None = None  # txt2img: a second, upscaled pass (A1111's hires fix)
 
     @model_validator(mode="before")
     @classmethod
@@ -187,6 +230,8 @@ class GenerationRequest(BaseModel):
             raise FieldError("init_image", None, f"is required for {self.task.value}")
         if self.task is Task.INPAINT and self.mask_image is None:
             raise FieldError("mask_image", None, "is required for inpaint")
+        if self.hires is not None and self.task is not Task.TXT2IMG:
+            raise FieldError("hires", None, f"applies to txt2img only, not {self.task.value}")
         problem = strength_problem(self.task, self.steps, self.strength)
         if problem is not None:
             raise FieldError("strength", self.strength, problem)
@@ -236,6 +281,14 @@ class PreparedRequest(GenerationRequest):
     guidance_scale: float
     width: int
     height: int
+    # A hires fix's second pass (Engine.second_pass): its first pass's request, and where img2img starts
+    # from: an engine tensor, one row per image (the upscaled pixels, or the resized latents).
+    first_pass: GenerationRequest | None = None
+    init_tensor: Any = None
+
+    @property
+    def needs_second_pass(self) -> bool:
+        return self.hires is not None and self.first_pass is None
 
 
 def strength_problem(task: Task, steps: int | None, strength: float) -> str | None:
@@ -286,6 +339,7 @@ class GeneratedImage:
     image: Image.Image
     seed: int
     nsfw: bool
+    latents: Any = None  # a hires first pass's latents (an engine tensor), for its second pass
 
 
 @dataclass

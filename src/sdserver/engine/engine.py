@@ -8,18 +8,21 @@ from contextlib import contextmanager
 
 from PIL import Image
 
-from sdserver.core.errors import Cancelled, InvalidRequest
+from sdserver.core.errors import Cancelled, FieldError, InvalidRequest
 from sdserver.core.limits import Limits
+from sdserver.core.sizing import hires_size
 from sdserver.core.types import (
     SAMPLER_NAMES,
     GeneratedImage,
     GenerationRequest,
     LoraRef,
     PreparedRequest,
+    Task,
     strength_problem,
 )
 from sdserver.engine import families
 from sdserver.engine.device import device_memory, pick_device, pick_dtype
+from sdserver.engine.families.base import upscaled_latents
 from sdserver.engine.loaders import LoadedPipelines
 from sdserver.engine.loras import LoraLibrary, applied
 from sdserver.engine.registry import ModelSpec, Registry, specs_from_settings
@@ -108,7 +111,63 @@ class Engine:
         guidance = model.default_guidance if request.guidance_scale is None else request.guidance_scale
         native = None if request.init_image is not None else model.native_size
         filled = request.model_copy(update={"model": spec.name, "steps": steps, "guidance_scale": guidance})
-        return PreparedRequest.model_construct(**dict(filled.sized(self.limits, native)))
+        prepared = PreparedRequest.model_construct(**dict(filled.sized(self.limits, native)))
+        return prepared if prepared.hires is None else self._prepare_hires(prepared, model)
+
+    def _prepare_hires(self, request: PreparedRequest, model: LoadedPipelines) -> PreparedRequest:
+        """Check a hires fix against the limits and the model, and fill in its size and steps."""
+        hires = request.hires
+        assert hires is not None
+        self._hires_size(request)  # within the limits
+        steps = hires.steps or request.steps
+        if steps > self.limits.max_steps:
+            raise InvalidRequest(f"hires: steps {steps} is over the limit of {self.limits.max_steps}", field="hires")
+        if int(steps * hires.strength) < 1:
+            reason = f"strength {hires.strength} x steps {steps} gives the second pass no denoising step"
+            raise InvalidRequest(f"hires: {reason}; raise its strength or steps", field="hires")
+        if hires.latent is None:
+            self.upscalers.check(hires.upscaler, field="hires")
+        sampler = hires.sampler or request.sampler
+        check_options(model, request.model_copy(update={"sampler": sampler, "negative_prompt": hires.negative_prompt}))
+        return request.model_copy(update={"hires": hires.model_copy(update={"steps": steps})})
+
+    def _hires_size(self, request: PreparedRequest) -> tuple[int, int]:
+        hires = request.hires
+        assert hires is not None
+        try:
+            return hires_size((request.width, request.height), hires.scale, hires.width, hires.height, self.limits)
+        except FieldError as exc:
+            raise exc.invalid() from None
+
+    def second_pass(self, request: PreparedRequest, images: Sequence[GeneratedImage]) -> PreparedRequest:
+        """A hires fix's second pass: the first pass's latents or images upscaled to the hires size, as
+        the start of an img2img pass there. Runs on the worker thread (an upscaler model may run)."""
+        hires = request.hires
+        assert hires is not None and hires.steps
+        size = self._hires_size(request)
+        with self.registry.use(request.model) as model, failures(self.registry.device):
+            factor = int(model.txt2img.vae_scale_factor)
+            if hires.latent is not None:
+                mode, antialias = hires.latent
+                start = upscaled_latents([image.latents for image in images], size, factor, mode, antialias)
+                pictures = [image.image.resize(size, Image.Resampling.LANCZOS) for image in images[:1]]
+            else:
+                pictures = [self.upscalers.upscale(image.image, hires.upscaler, *size) for image in images]
+                start = model.img2img.image_processor.preprocess(pictures, height=size[1], width=size[0])
+        update = {
+            "task": Task.IMG2IMG,
+            "width": size[0],
+            "height": size[1],
+            "steps": hires.steps,
+            "strength": hires.strength,
+            "sampler": hires.sampler or request.sampler,
+            "prompt": hires.prompt or request.prompt,
+            "negative_prompt": hires.negative_prompt or request.negative_prompt,
+            "init_image": pictures[0],
+            "first_pass": request,
+            "init_tensor": start,
+        }
+        return PreparedRequest.model_construct(**{**dict(request), **update})
 
     @contextmanager
     def session(self, name: str, loras: Sequence[LoraRef] = ()) -> Iterator[Session]:

@@ -81,9 +81,7 @@ class Session:
         the mask, and attach each image's parameters."""
         with failures(self.model.device), torch.no_grad():
             images = self.family.decode(self.model, states)
-            flags = [False] * len(images)
-            if self.model.checker is not None:
-                images, flags = self.model.checker.check(images)
+            flags = self._check(images, [state for state in states for _ in range(state.rows)])
             results, offset = [], 0
             for state in states:
                 own = [
@@ -91,12 +89,29 @@ class Session:
                     for image, flagged, seed in zip(images[offset:], flags[offset:], state.request.seeds, strict=False)
                 ]
                 offset += state.rows
-                self._describe(state, own)
+                if state.request.needs_second_pass:  # a hires first pass: its latents go on, unchecked
+                    for row, out in enumerate(own):
+                        out.latents = self.family.image_latents(self.model, state)[row : row + 1]
+                else:
+                    self._describe(state, own)
                 results.append(own)
             return results
 
+    def _check(self, images: list[Image.Image], row_states: list[State]) -> list[bool]:
+        """The safety checker's flags (flagged images blacked out in `images`), over the final images only:
+        a hires fix's first pass is checked as its second pass's result."""
+        flags = [False] * len(images)
+        final = [row for row, state in enumerate(row_states) if not state.request.needs_second_pass]
+        if self.model.checker is None or not final:
+            return flags
+        checked, found = self.model.checker.check([images[row] for row in final])
+        for row, image, flagged in zip(final, checked, found, strict=True):
+            images[row], flags[row] = image, flagged
+        return flags
+
     def _describe(self, state: State, images: list[GeneratedImage]) -> None:
-        sampler = state.request.sampler or self.family.default_sampler(self.model.txt2img.scheduler)
+        first = state.request.first_pass or state.request  # a hires fix is described by its first pass
+        sampler = first.sampler or self.family.default_sampler(self.model.txt2img.scheduler)
         for out in images:
             params = metadata.parameters_for(
                 state.request,

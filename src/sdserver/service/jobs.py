@@ -52,6 +52,8 @@ class Job:
     fingerprint: str | None = None  # of the request as sent, to tell a retry from a reused Idempotency-Key
     warnings: list[str] = field(default_factory=list)  # problems that did not fail it (an image not saved)
     history_ids: list[str | None] | None = None  # each image's id in the history, once it is saved
+    steps_before: int = 0  # steps of the passes already run (a hires fix's first pass)
+    steps_after: int = 0  # steps of the passes still to come, so progress spans the whole job
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _listeners: list[Listener] = field(default_factory=list, repr=False)
@@ -80,8 +82,15 @@ class Job:
                 self._listeners.remove(listener)
 
     def mark_running(self) -> None:
-        self.status, self.started_at = JobStatus.RUNNING, time.time()
+        self.status, self.started_at = JobStatus.RUNNING, self.started_at or time.time()
         self._notify()
+
+    def next_pass(self, request: GenerationRequest, steps_after: int = 0) -> None:
+        """Go on to the job's next pass (a hires fix's second): it runs `request`, queued again but no
+        longer subject to the start deadline it already met."""
+        done = self.progress.total - self.steps_after if self.progress is not None else self.steps_before
+        self.request, self.deadline = request, None
+        self.steps_before, self.steps_after = done, steps_after
 
     def requeue(self) -> None:
         """Back to waiting: the device running it stopped, and it will run again elsewhere (sdserver.cluster)."""
@@ -89,7 +98,9 @@ class Job:
         self._notify()
 
     def report(self, progress: Progress, preview: Image.Image | None = None) -> None:
-        self.progress = progress
+        """`progress` within the pass running; the job's progress spans its passes."""
+        before = self.steps_before
+        self.progress = Progress(step=before + progress.step, total=before + progress.total + self.steps_after)
         if preview is not None:
             self.preview = preview
         self._notify()

@@ -64,9 +64,25 @@ def group_key(request: GenerationRequest) -> tuple[object, ...]:
     return (request.model, request.loras, request.width, request.height)
 
 
+FollowUp = Callable[[Job, list[GeneratedImage]], bool]
+
+
+def _no_follow_up(job: Job, images: list[GeneratedImage]) -> bool:
+    return False
+
+
 class RunningSet:
-    def __init__(self, session: SessionLike, metrics: Metrics, cancelled: Callable[[str], SDServerError]) -> None:
-        self.session, self.metrics, self._cancelled = session, metrics, cancelled
+    """`follow_up(job, images)` is asked about each finished job: True when the job goes on to another
+    pass (a hires fix) instead of being answered with `images`."""
+
+    def __init__(
+        self,
+        session: SessionLike,
+        metrics: Metrics,
+        cancelled: Callable[[str], SDServerError],
+        follow_up: FollowUp = _no_follow_up,
+    ) -> None:
+        self.session, self.metrics, self._cancelled, self._follow_up = session, metrics, cancelled, follow_up
         self.members: list[Member] = []
 
     @property
@@ -142,6 +158,8 @@ class RunningSet:
             job = member.job
             if job.cancel_requested:
                 job.fail(self._cancelled("cancelled while running"))
+                continue
+            if self._follow_up(job, images):
                 continue
             job.succeed(GenerationResult(model=job.request.model or "", images=images))
             self.metrics.images.labels(model=job.request.model or "").inc(len(images))

@@ -36,7 +36,7 @@ from sdserver.core.errors import (
     Timeout,
     Unavailable,
 )
-from sdserver.core.types import GeneratedImage, GenerationRequest, GenerationResult, Progress
+from sdserver.core.types import GeneratedImage, GenerationRequest, GenerationResult, PreparedRequest, Progress
 from sdserver.service.jobs import Job, JobStatus, JobStore
 from sdserver.service.metrics import Metrics
 from sdserver.service.running import RunningSet, SessionOpener, group_key
@@ -48,6 +48,8 @@ T = TypeVar("T")
 
 class EngineLike(Protocol):
     def prepare(self, request: GenerationRequest) -> GenerationRequest: ...
+
+    def second_pass(self, request: Any, images: Sequence[GeneratedImage]) -> GenerationRequest: ...
 
     def run(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[GeneratedImage]]: ...
 
@@ -199,7 +201,7 @@ class Scheduler:
     ) -> Job:
         prepared = self.engine.prepare(request).with_seed()
         deadline = None if self.queue_timeout_s is None else time.monotonic() + self.queue_timeout_s
-        job = Job(request=prepared, deadline=deadline, **fields)
+        job = Job(request=prepared, deadline=deadline, steps_after=_second_pass_steps(prepared), **fields)
         with self._wakeup:
             job.arrival_tick = self._ticks
             if not self.accepting:
@@ -364,7 +366,7 @@ class Scheduler:
         running: RunningSet | None = None
         try:
             with self.engine.session(first.request.model or "", first.request.loras) as session:
-                running = RunningSet(session, self.metrics, self._cancelled)
+                running = RunningSet(session, self.metrics, self._cancelled, self._follow_up)
                 running.admit(first)
                 while running.members:
                     joiners = self._joiners(key, self.max_batch_size - running.rows, running.fits)
@@ -484,9 +486,29 @@ class Scheduler:
         for job, images in zip(batch, outputs, strict=True):
             if job.cancel_requested:
                 job.fail(Cancelled("cancelled while running"))
+            elif self._follow_up(job, images):
+                continue
             else:
                 job.succeed(GenerationResult(model=job.request.model or "", images=images))
                 self.metrics.images.labels(model=job.request.model or "").inc(len(images))
+
+    def _follow_up(self, job: Job, images: list[GeneratedImage]) -> bool:
+        """A hires fix's first pass has run: the job goes on to its second pass, queued first (it was
+        accepted long ago, so the queue's bound does not apply). True if it did (or failed trying)."""
+        if _second_pass_steps(job.request) == 0:
+            return False
+        try:
+            job.next_pass(self.engine.second_pass(job.request, images))
+        except SDServerError as exc:
+            job.fail(exc)
+            return True
+        with self._wakeup:
+            if self._stopping:
+                job.fail(Unavailable("the server shut down before this request finished"))
+                return True
+            self._queue.appendleft(job)
+            self._wakeup.notify_all()
+        return True
 
     def _progress_reporter(self, batch: list[Job]) -> StepCallback:
         # Output index of each job's first image in the batch, for its preview.
@@ -509,6 +531,13 @@ class Scheduler:
                 raise Cancelled("cancelled while running")
 
         return on_step
+
+
+def _second_pass_steps(request: GenerationRequest) -> int:
+    """The steps of a prepared request's second pass still to come (a hires fix's); 0 if none."""
+    if isinstance(request, PreparedRequest) and request.needs_second_pass and request.hires is not None:
+        return max(1, request.hires.denoising_steps)
+    return 0
 
 
 __all__ = ["EngineLike", "JobStatus", "Scheduler"]

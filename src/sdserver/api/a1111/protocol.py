@@ -4,9 +4,11 @@ Honoured: prompt, negative_prompt, seed (-1 = random), batch_size x n_iter image
 call), steps, cfg_scale, width, height, sampler_name (or sampler_index) with scheduler (automatic,
 uniform, karras), eta, denoising_strength, init_images, mask, mask_blur, inpainting_mask_invert,
 send_images, save_images (into the server's history), override_settings (sd_model_checkpoint,
-CLIP_stop_at_last_layers). Accepted and ignored, each noted in `info.notes` when set:
-subseed/subseed_strength, styles, hires fix, restore_faces, tiling, scripts, resize_mode (always "just
-resize"), inpainting_fill, inpaint_full_res, any other field.
+CLIP_stop_at_last_layers), the hires fix (enable_hr, hr_scale, hr_resize_x/y, hr_upscaler,
+hr_second_pass_steps, hr_sampler_name, hr_prompt, hr_negative_prompt, denoising_strength). Accepted and
+ignored, each noted in `info.notes` when set: subseed/subseed_strength, styles, restore_faces, tiling,
+scripts, resize_mode (always "just resize"), inpainting_fill, inpaint_full_res, hr_checkpoint_name, any
+other field.
 """
 
 from __future__ import annotations
@@ -87,6 +89,15 @@ class Txt2ImgBody(BaseModel):
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
     save_images: bool = Field(default=False, description="Keep the images in the server's history (/v1/history)")
+    enable_hr: bool = Field(default=False, description="Hires fix: a second, upscaled img2img pass in the same job")
+    hr_scale: float = Field(default=2.0, description="Hires fix: upscale by (unless hr_resize_x/y)")
+    hr_upscaler: str | None = Field(default=None, description="Latent (and variants), Lanczos, Nearest or a model")
+    hr_second_pass_steps: int = Field(default=0, description="0: the first pass's steps")
+    hr_resize_x: int = Field(default=0, description="Hires fix: target width (0: from hr_scale or the aspect)")
+    hr_resize_y: int = Field(default=0, description="Hires fix: target height (0: from hr_scale or the aspect)")
+    hr_sampler_name: str | None = Field(default=None, description="Second pass's sampler (absent: the first's)")
+    hr_prompt: str = Field(default="", description="Second pass's prompt (empty: the first's)")
+    hr_negative_prompt: str = Field(default="", description="Second pass's negative prompt (empty: the first's)")
 
 
 class Img2ImgBody(Txt2ImgBody):
@@ -154,7 +165,7 @@ def sampler_of(body: Txt2ImgBody) -> str | None:
 # enable_hr, txt2img's denoising_strength...) need no note; nor do empty values; any other field
 # this API does not know is noted.
 UNSUPPORTED: dict[str, Any] = {
-    "enable_hr": False, "restore_faces": False, "tiling": False, "styles": None, "subseed_strength": 0.0,
+    "restore_faces": False, "tiling": False, "styles": None, "subseed_strength": 0.0,
     "script_name": None, "alwayson_scripts": None, "seed_resize_from_h": 0, "seed_resize_from_w": 0,
     "s_churn": 0, "s_tmin": 0, "s_tmax": 0, "s_noise": 1, "resize_mode": 0, "inpainting_fill": 0,
     "inpaint_full_res": False, "refiner_checkpoint": None, "image_cfg_scale": None,
@@ -195,7 +206,27 @@ def generation_request(
         data["eta"] = body.eta
     if isinstance(body, Img2ImgBody):
         data.update(_img2img_inputs(body, limits))
+    elif body.enable_hr:
+        data["hires"] = _hires(body)
     return validate_request(data, names=NAMES, limits=limits)
+
+
+def _hires(body: Txt2ImgBody) -> dict[str, Any]:
+    """txt2img's hires fix fields as the core's `hires`."""
+    hires: dict[str, Any] = {
+        "scale": body.hr_scale,
+        "width": body.hr_resize_x or None,
+        "height": body.hr_resize_y or None,
+        "steps": body.hr_second_pass_steps or None,
+        "sampler": body.hr_sampler_name,
+        "prompt": body.hr_prompt or None,
+        "negative_prompt": body.hr_negative_prompt or None,
+    }
+    if body.hr_upscaler and body.hr_upscaler.strip():
+        hires["upscaler"] = body.hr_upscaler
+    if body.denoising_strength is not None:
+        hires["strength"] = body.denoising_strength
+    return hires
 
 
 def _img2img_inputs(body: Img2ImgBody, limits: Limits) -> dict[str, Any]:
@@ -224,6 +255,11 @@ def notes(body: Txt2ImgBody, ignored_options: list[str] | None = None) -> list[s
             found.append(f"{name} is not supported and was ignored")
     for name in ignored_options or []:
         found.append(f"override_settings.{name} has no effect on sdserver and was ignored")
+    if isinstance(body, Img2ImgBody) and body.enable_hr:
+        found.append("enable_hr applies to txt2img only and was ignored")
+    second_model = (body.model_extra or {}).get("hr_checkpoint_name")
+    if body.enable_hr and second_model not in (None, "", "Use same checkpoint"):
+        found.append("hr_checkpoint_name is not supported: the second pass used the first pass's model")
     if isinstance(body, Img2ImgBody) and body.init_images and len(body.init_images) > 1:
         found.append("only the first of init_images was used")
     return found
@@ -279,7 +315,7 @@ def response(
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": first.get("denoising_strength"),
-        "extra_generation_params": {},
+        "extra_generation_params": _extra_params(first),
         "index_of_first_image": 0,
         "infotexts": [str(out.image.info.get(PARAMETERS_KEY, "")) for out in outs],
         "styles": body.styles or [],
@@ -297,6 +333,22 @@ def response(
         echoed.update(init_images=None, mask=None)
     images = [png_base64(out.image) for out in outs] if body.send_images else []
     return ImagesOut(images=images, parameters=echoed, info=json.dumps(info))
+
+
+def _extra_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A1111's extra_generation_params: the hires fix's, as its infotext names them."""
+    hires = params.get("hires") or {}
+    names = {
+        "upscale": "Hires upscale", "steps": "Hires steps", "upscaler": "Hires upscaler", "sampler": "Hires sampler",
+        "prompt": "Hires prompt", "negative_prompt": "Hires negative prompt",
+    }  # fmt: skip
+    extra = {label: hires[key] for key, label in names.items() if hires.get(key) is not None}
+    if hires.get("resize"):
+        extra["Hires resize"] = "{}x{}".format(*hires["resize"])
+    if hires:
+        extra["Denoising strength"] = params.get("denoising_strength")
+        extra["First pass size"] = "{}x{}".format(*hires["first_pass_size"])
+    return extra
 
 
 def samplers() -> list[dict[str, Any]]:

@@ -219,6 +219,11 @@ class Family:
         """Images of finished states (all of one size), in order, one VAE call."""
         raise NotImplementedError
 
+    def image_latents(self, model: LoadedPipelines, state: State) -> torch.Tensor:
+        """A finished state's latents as [rows, channels, h, w]: what img2img's `prepare_latents` takes as
+        an already-encoded image (a hires fix's latent upscale starts its second pass from them)."""
+        return state.latents
+
     def previews(self, latents: torch.Tensor, state: State) -> list[Image.Image]:
         """Small RGB images of the current latents, by a fixed linear map (no VAE)."""
         return latent_rgb(latents, self.preview_factors)
@@ -277,6 +282,24 @@ def bound(pipe: Any, scheduler: Any) -> Iterator[Any]:
         yield pipe
     finally:
         pipe.scheduler = original
+
+
+def init_pixels(pipe: Any, request: PreparedRequest, **size: int) -> Any:
+    """Where img2img starts: a hires second pass's tensor (upscaled pixels or latents, a row per image;
+    `prepare_latents` encodes pixels and takes latents as they are), else the init image preprocessed."""
+    if request.init_tensor is not None:
+        return request.init_tensor
+    return pipe.image_processor.preprocess(request.init_image, **size)
+
+
+def upscaled_latents(
+    latents: Sequence[torch.Tensor], size: tuple[int, int], factor: int, mode: str, antialias: bool
+) -> torch.Tensor:
+    """A1111's latent upscalers: the first pass's latents resized to the second pass's size / `factor`."""
+    stacked = torch.cat(list(latents))
+    shape = (size[1] // factor, size[0] // factor)
+    resized = torch.nn.functional.interpolate(stacked.float(), size=shape, mode=mode, antialias=antialias)
+    return resized.to(stacked.dtype)
 
 
 def task_images(request: PreparedRequest) -> tuple[Image.Image | None, Image.Image | None]:

@@ -27,6 +27,7 @@ from sdserver.engine.families.base import (
     State,
     bound,
     generators,
+    init_pixels,
     latent_rgb,
     stacked,
     step_kwargs,
@@ -146,7 +147,7 @@ class Flux(FlowFamily):
 
     def _start_img2img(self, model: LoadedPipelines, state: State, dtype: torch.dtype) -> None:
         request, pipe = state.request, model.img2img
-        image = pipe.image_processor.preprocess(request.init_image, height=request.height, width=request.width)
+        image = init_pixels(pipe, request, height=request.height, width=request.width)
         self._timesteps(pipe, state, cut=True)
         count = request.num_images
         state.latents, state.extra["img_ids"] = pipe.prepare_latents(
@@ -220,6 +221,13 @@ class Flux(FlowFamily):
             torch.cat([state.latents for state in states]), request.height, request.width, pipe.vae_scale_factor
         )
         return self.decode_latents(pipe, latents)
+
+    def image_latents(self, model: LoadedPipelines, state: State) -> torch.Tensor:
+        request = state.request
+        latents: torch.Tensor = model.txt2img._unpack_latents(
+            state.latents, request.height, request.width, model.txt2img.vae_scale_factor
+        )
+        return latents
 
     def previews(self, latents: torch.Tensor, state: State) -> list[Image.Image]:
         from diffusers import FluxPipeline

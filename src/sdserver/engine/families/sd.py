@@ -36,6 +36,7 @@ from sdserver.engine.families.base import (
     State,
     bound,
     generators,
+    init_pixels,
     keep_unmasked,
     stacked,
     step_kwargs,
@@ -146,7 +147,7 @@ class StableDiffusion(Family):
 
     def _start_img2img(self, model: LoadedPipelines, state: State, dtype: torch.dtype) -> None:
         request, pipe = state.request, model.img2img
-        image = pipe.image_processor.preprocess(request.init_image)
+        image = init_pixels(pipe, request)
         with bound(pipe, state.scheduler):
             retrieve_timesteps(state.scheduler, request.steps, model.device)
             state.timesteps, _ = pipe.get_timesteps(request.steps, request.strength, model.device)

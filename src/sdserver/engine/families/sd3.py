@@ -125,8 +125,11 @@ class StableDiffusion3(FlowFamily):
         count = request.num_images
         # One copy of the image per row: diffusers' SD3 img2img encodes image[i] with generator i and
         # does not repeat a single image first.
-        images = [request.init_image] * count
-        image = pipe.image_processor.preprocess(images, height=request.height, width=request.width)
+        image = request.init_tensor
+        if image is None:
+            image = pipe.image_processor.preprocess(
+                [request.init_image] * count, height=request.height, width=request.width
+            )
         with bound(pipe, state.scheduler):
             self._timesteps(pipe, state, cut=True)
             first = state.timesteps[:1].repeat(count)
