@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sdserver.api import adapter
 from sdserver.api.a1111 import options as a1111_options
+from sdserver.api.a1111.listings import listings
 from sdserver.api.a1111.protocol import (
     ImagesOut,
     Img2ImgBody,
@@ -296,6 +297,7 @@ async def sdapi_png_info(body: PngInfoBody) -> PngInfoOut:
 
 
 router.include_router(sdapi)
+router.include_router(listings)
 
 
 @router.post("/png-info", response_model=PngInfoOut, tags=["images"])
