@@ -88,3 +88,13 @@ def test_jobs_api_progress_spans_both_passes(live: Live) -> None:
     assert job["progress"]["step"] == job["progress"]["total"] == 4 + 3  # first pass + 6 x 0.5
     image = httpx.get(f"{job_url}/images/0", timeout=10)
     assert image.status_code == 200
+
+
+def test_request_level_batching_runs_both_passes_too(tiny_model: Path) -> None:
+    server = Live(model=str(tiny_model), batching="request")
+    try:
+        result = server.api.txt2img(prompt="a red circle", enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", **FAST)
+        assert result.image.size == (96, 96)
+        assert info_of(result)["extra_generation_params"]["Hires upscale"] == 1.5
+    finally:
+        server.stop()
