@@ -49,6 +49,12 @@ def model_name(title: str) -> str:
     return _HASH_SUFFIX.sub("", title).strip()
 
 
+def resize_mode(value: Any) -> ResizeMode:
+    """The extension's resize mode from its name, an alias, or 0/1/2; ValueError lists the valid ones."""
+    found: ResizeMode = _lookup(_RESIZE_MODES, value, "resize mode")
+    return found
+
+
 def _lookup(table: Mapping[Any, Any], value: Any, what: str) -> Any:
     key = value.strip().lower() if isinstance(value, str) else value
     if isinstance(key, float) and key.is_integer():
