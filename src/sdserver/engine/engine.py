@@ -19,6 +19,7 @@ from sdserver.core.types import (
     strength_problem,
 )
 from sdserver.engine import families
+from sdserver.engine.controlnets import ControlNetLibrary
 from sdserver.engine.device import device_memory, pick_device, pick_dtype
 from sdserver.engine.loaders import LoadedPipelines
 from sdserver.engine.loras import LoraLibrary, applied
@@ -43,9 +44,11 @@ class Engine:
         preload: list[str] | None = None,
         loras: LoraLibrary | None = None,
         limits: Limits | None = None,
+        controlnets: ControlNetLibrary | None = None,
     ) -> None:
         self.registry = registry
         self.loras = loras or LoraLibrary(None)
+        self.controlnets = controlnets or ControlNetLibrary(None)
         self.limits = limits or Limits()
         self._fall_back_to_demo = fall_back_to_demo
         self._preload = preload or []
@@ -72,6 +75,7 @@ class Engine:
             preload=settings.preload,
             loras=LoraLibrary(settings.loras_dir),
             limits=settings.limits,
+            controlnets=ControlNetLibrary(settings.controlnet_dir),
         )
 
     def load(self) -> None:
