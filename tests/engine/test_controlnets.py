@@ -4,6 +4,7 @@ base-model checks, one ControlNet step whose residuals fit the UNet, and control
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, arch_mode
     canny = make_tiny_controlnet(tiny_model / "unet", root / "tiny-canny")
     save_original(canny, root / "tiny-file.safetensors")
     save_original(canny, root / "tiny-pickle.pth", prefix="control_model.")
+    shutil.copy(canny / "diffusion_pytorch_model.safetensors", root / "tiny-diffusers-layout.safetensors")
     make_tiny_controlnet(arch_model("sdxl").folder / "unet", root / "xl-canny")
     save_file({"lora_unet_down.weight": torch.zeros(2, 2)}, str(root / "not-a-controlnet.safetensors"))
     (root / "notes.txt").write_text("not a model")
@@ -43,10 +45,13 @@ def unet(tiny_model: Path) -> Any:
 def test_lists_folders_and_files_by_name_without_loading(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(controlnets, "load", lambda *args: pytest.fail("listing loaded a model"))
     library = ControlNetLibrary(folder)
-    assert library.names() == ["not-a-controlnet", "tiny-canny", "tiny-file", "tiny-pickle", "xl-canny"]
+    assert library.names() == [
+        "not-a-controlnet", "tiny-canny", "tiny-diffusers-layout", "tiny-file", "tiny-pickle", "xl-canny",
+    ]  # fmt: skip
     titles = library.model_list()["model_list"]
     assert titles[1].startswith("tiny-canny [") and all(len(title.rsplit("[", 1)[1]) == 9 for title in titles)
     assert library.kind("tiny-canny") == "sd1" and library.kind("tiny-file") == "sd1"
+    assert library.kind("tiny-diffusers-layout") == "sd1"
     assert library.kind("xl-canny") == "sdxl"
 
 
@@ -121,7 +126,7 @@ def test_single_files_load_to_the_same_controlnet(folder: Path, unet: Any) -> No
     latents, timesteps, context, image = inputs(unet, rows=1)
     results = []
     with torch.no_grad():
-        for name in ("tiny-canny", "tiny-file", "tiny-pickle"):
+        for name in ("tiny-canny", "tiny-file", "tiny-pickle", "tiny-diffusers-layout"):
             results.append(residuals(library.get(name, CPU, torch.float32), latents, timesteps, context, image, 1.0))
     for down, mid in results[1:]:
         assert torch.allclose(mid, results[0][1], atol=1e-5)
