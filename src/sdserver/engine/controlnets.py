@@ -90,8 +90,11 @@ class ControlNetLibrary:
         """The ControlNet called `name` ("name" or the extension's "name [hash]"); InvalidRequest naming
         `field` when there is none."""
         wanted = model_name(name)
-        found = self._find(wanted) or (self.refresh() and self._find(wanted))
-        if found:
+        found = self._find(wanted)
+        if found is None:  # perhaps added since the last scan
+            self.refresh()
+            found = self._find(wanted)
+        if found is not None:
             return found
         if self.folder is None:
             raise InvalidRequest(
