@@ -185,6 +185,7 @@ def create_app(
     studio.install(app)
     errors.register_renderer("/v1/", errors.render_v1)
     errors.register_renderer("/sdapi/", a1111.render_error)
+    errors.register_renderer("/controlnet/", a1111.render_error)
     # The last added runs first: log → Host check (beyond localhost) → CORS (so even a 401 or 413 is
     # readable by an allowed page) → the pages' content security policy → body size limit → auth → routes.
     app.add_middleware(ApiKeyAuth, settings=settings)

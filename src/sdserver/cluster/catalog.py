@@ -8,6 +8,7 @@ from typing import cast
 from sdserver.core.errors import InvalidRequest
 from sdserver.core.types import GenerationRequest, PreparedRequest
 from sdserver.engine import Engine
+from sdserver.engine.controlnets import ControlNetLibrary
 from sdserver.engine.device import pick_device, pick_dtype
 from sdserver.engine.loaders import LoadedPipelines
 from sdserver.engine.loras import LoraLibrary
@@ -95,7 +96,12 @@ class ClusterEngine(Engine):
     def __init__(self, settings: Settings, cluster: Cluster) -> None:
         self.cluster = cluster
         self.catalogue = ClusterRegistry(settings, cluster)
-        super().__init__(self.catalogue, loras=LoraLibrary(settings.loras_dir), limits=settings.limits)
+        super().__init__(
+            self.catalogue,
+            loras=LoraLibrary(settings.loras_dir),
+            limits=settings.limits,
+            controlnets=ControlNetLibrary(settings.controlnet_dir),  # listed here; run by the replicas
+        )
 
     def load(self) -> None:
         """The replicas load their models."""

@@ -21,6 +21,7 @@ from sdserver.core.types import (
     strength_problem,
 )
 from sdserver.engine import families
+from sdserver.engine.controlnets import ControlNetLibrary
 from sdserver.engine.device import device_memory, pick_device, pick_dtype
 from sdserver.engine.families.base import upscaled_latents
 from sdserver.engine.loaders import LoadedPipelines
@@ -46,9 +47,11 @@ class Engine:
         preload: list[str] | None = None,
         loras: LoraLibrary | None = None,
         limits: Limits | None = None,
+        controlnets: ControlNetLibrary | None = None,
     ) -> None:
         self.registry = registry
         self.loras = loras or LoraLibrary(None)
+        self.controlnets = controlnets or ControlNetLibrary(None)
         self.limits = limits or Limits()
         self._fall_back_to_demo = fall_back_to_demo
         self._preload = preload or []
@@ -75,6 +78,7 @@ class Engine:
             preload=settings.preload,
             loras=LoraLibrary(settings.loras_dir),
             limits=settings.limits,
+            controlnets=ControlNetLibrary(settings.controlnet_dir),
         )
 
     def load(self) -> None:

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from sdserver.api import adapter
+from sdserver.api.a1111 import controlnet
 from sdserver.api.a1111 import options as a1111_options
 from sdserver.api.a1111.listings import listings
 from sdserver.api.a1111.protocol import (
@@ -298,6 +299,7 @@ async def sdapi_png_info(body: PngInfoBody) -> PngInfoOut:
 
 router.include_router(sdapi)
 router.include_router(listings)
+router.include_router(controlnet.router)  # the sd-webui-controlnet extension's /controlnet/* routes
 
 
 @router.post("/png-info", response_model=PngInfoOut, tags=["images"])
