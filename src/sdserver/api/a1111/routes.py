@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from sdserver.api import adapter
+from sdserver.api.a1111 import extras
 from sdserver.api.a1111 import options as a1111_options
 from sdserver.api.a1111.protocol import (
     ImagesOut,
@@ -296,6 +297,7 @@ async def sdapi_png_info(body: PngInfoBody) -> PngInfoOut:
 
 
 router.include_router(sdapi)
+router.include_router(extras.router)  # /sdapi/v1 upscaling (extras.py)
 
 
 @router.post("/png-info", response_model=PngInfoOut, tags=["images"])
