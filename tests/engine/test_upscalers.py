@@ -64,6 +64,13 @@ class TestListing:
         library.upscale(picture(), "tiny-esrgan", 96, 80)
         assert {item["name"]: item["scale"] for item in library.describe()}["tiny-esrgan"] == 2
 
+    def test_the_usual_names_tell_the_scale(self, tmp_path: Path) -> None:
+        names = ["RealESRGAN_x2plus", "4xNomos8kSC", "ESRGAN_4x", "1x-Refiner", "SwinIR-L_x4_GAN", "BSRGAN"]
+        for name in names:
+            (tmp_path / f"{name}.pth").write_bytes(b"")  # listing never opens a file
+        scales = {item["name"]: item["scale"] for item in Upscalers(str(tmp_path)).describe()}
+        assert [scales[name] for name in names] == [2, 4, 4, 1, 4, 4]
+
     def test_no_folder_offers_the_builtins(self) -> None:
         assert Upscalers(None).names() == ["None", "Lanczos", "Nearest"]
         assert Upscalers("/no/such/folder").names() == ["None", "Lanczos", "Nearest"]

@@ -42,7 +42,8 @@ MAX_PASSES = 3  # as A1111: a 2x model reaches 8x at most
 TILE = 256  # input pixels per tile side
 OVERLAP = 16  # input pixels of context around each tile, cut off its output
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-_SCALE_IN_NAME = re.compile(r"(?:^|[^a-z0-9])(?:(\d)x|x(\d))(?:[^a-z0-9]|$)", re.IGNORECASE)
+# 4x-UltraSharp, 4xNomos8k, ESRGAN_4x, RealESRGAN_x4plus, SwinIR-L_x4_GAN
+_SCALE_IN_NAME = re.compile(r"(?:^|[^a-z0-9])(?:(\d)x|x(\d))(?![0-9])", re.IGNORECASE)
 _import_lock = threading.Lock()
 
 
@@ -193,8 +194,7 @@ class Upscalers:
         pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
         tensor = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(self.device, model.dtype)
         with torch.inference_mode():
-            output = tiled(model, tensor, self.tile, self.overlap)
-        array = (output[0].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+            array = tiled(model, tensor, self.tile, self.overlap)
         result = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array, _MODES[array.shape[2]])
         return result.convert("RGB")
 
@@ -237,23 +237,29 @@ class Upscalers:
 _BUILTIN_KEYS = {name.lower() for name in BUILTINS}
 
 
-def tiled(model: Any, image: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+def tiled(model: Any, image: torch.Tensor, tile: int, overlap: int) -> np.ndarray:
     """`model` (a spandrel descriptor: it pads to its size requirements) over `image` (1, C, H, W)
     in tiles of `tile` px, each run with `overlap` px of context that is cut off its output, so tiles
-    meet without seams. The output is assembled on the CPU (float32): only a tile is on the device."""
+    meet without seams. The output is assembled on the CPU as 8-bit (H, W, C): only a tile is on the
+    device, and a large output costs a byte per value."""
     _, _, height, width = image.shape
-    internal = model.tiling.name == "INTERNAL"  # the model tiles (or needs the whole image) itself
-    if internal or (height <= tile and width <= tile):
-        return model(image).float().cpu()
+    if model.tiling.name == "INTERNAL" or (height <= tile and width <= tile):  # INTERNAL: it tiles itself
+        return _to_bytes(model(image))
     scale = int(model.scale)
-    output = torch.zeros((1, model.output_channels, height * scale, width * scale), dtype=torch.float32)
+    output = np.zeros((height * scale, width * scale, model.output_channels), dtype=np.uint8)
     for top in range(0, height, tile):
         for left in range(0, width, tile):
             bottom, right = min(top + tile, height), min(left + tile, width)
             y0, x0 = max(0, top - overlap), max(0, left - overlap)
             y1, x1 = min(height, bottom + overlap), min(width, right + overlap)
-            piece = model(image[..., y0:y1, x0:x1]).float().cpu()
-            output[..., top * scale : bottom * scale, left * scale : right * scale] = piece[
-                ..., (top - y0) * scale : (bottom - y0) * scale, (left - x0) * scale : (right - x0) * scale
+            piece = _to_bytes(model(image[..., y0:y1, x0:x1]))
+            output[top * scale : bottom * scale, left * scale : right * scale] = piece[
+                (top - y0) * scale : (bottom - y0) * scale, (left - x0) * scale : (right - x0) * scale
             ]
     return output
+
+
+def _to_bytes(output: torch.Tensor) -> np.ndarray:
+    """A model's (1, C, H, W) output in [0, 1] as 8-bit (H, W, C) on the CPU."""
+    scaled = (output[0].float() * 255.0).round_().clamp_(0, 255)
+    return scaled.to(torch.uint8).permute(1, 2, 0).cpu().numpy()

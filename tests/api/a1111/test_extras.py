@@ -161,6 +161,8 @@ class TestRefusals:
         assert field == "upscaling_resize" and "600x400 image upscaled to 1200x800" in message
         sized = {**body, "resize_mode": 1, "upscaling_resize_w": 2000, "upscaling_resize_h": 100}
         assert refusal(live.post("extra-single-image", sized))[0] == "upscaling_resize_w"
+        tall = {**sized, "upscaling_resize_w": 100, "upscaling_resize_h": 2000}
+        assert refusal(live.post("extra-single-image", tall))[0] == "upscaling_resize_h"
 
     def test_an_unknown_upscaler_is_refused_listing_the_valid_ones(self, live: Live) -> None:
         field, message = refusal(

@@ -127,8 +127,10 @@ def sizes_of(body: ExtrasBody, size: tuple[int, int], limits: Limits) -> Sizes:
         # the side that decides the factor is exactly its target; the other covers its own
         scaled = (max(target[0], round(width * factor)), max(target[1], round(height * factor)))
         final = target if body.upscaling_crop else scaled
-    for shown in {scaled, final}:
+    for shown in (final, scaled):  # what was asked first, then what the upscaler must make to get it
         if max(shown) > limits.max_side or shown[0] * shown[1] > limits.max_pixels:
+            if field != "upscaling_resize" and shown[1] > limits.max_side >= shown[0]:
+                field = "upscaling_resize_h"  # the side over the limit
             what = f"a {width}x{height} image upscaled to {shown[0]}x{shown[1]}"
             limit = f"{limits.max_side} px per side and {limits.max_pixels} pixels"
             raise FieldError(field, getattr(body, field), f"{what} is over the limit of {limit}")
@@ -165,13 +167,14 @@ async def upscale(
     if not hasattr(scheduler, "call"):  # the Ray ingress: its replicas only generate
         raise InvalidRequest("upscaling is not available on a server running on Ray (--ray)")
     note(upscaler=plan.first, images=len(images))
+    first, second = plan.first, plan.second
 
     def work() -> list[tuple[Image.Image, Image.Image | None]]:  # on the worker thread: the device's
         done = []
         for image, sizes in images:
-            first = engine.upscale([image], plan.first or "", *sizes.scaled)[0]
-            second = engine.upscale([image], plan.second, *sizes.scaled)[0] if plan.second else None
-            done.append((first, second))
+            by_first = engine.upscale([image], first, *sizes.scaled)[0]
+            by_second = engine.upscale([image], second, *sizes.scaled)[0] if second is not None else None
+            done.append((by_first, by_second))
         return done
 
     results = await asyncio.wrap_future(scheduler.call(work))
