@@ -3,9 +3,13 @@
 # shellcheck shell=bash
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}  # the CPU build on our machines; on a CUDA box e.g. TORCH_SPEC=torch
+# Model upscalers: spandrel without its dependencies (it asks for torchvision, which would replace a
+# CPU torch with a CUDA one; sdserver imports spandrel without it). einops is its one other need.
+NO_DEPS=("spandrel>=0.4,<0.5" "einops>=0.7")
 
 install_stamp() {  # $1: extras
-    { "$PYTHON" --version 2>&1; echo "$TORCH_SPEC"; echo "$1"; cat pyproject.toml; } | sha256sum | cut -d' ' -f1
+    { "$PYTHON" --version 2>&1; echo "$TORCH_SPEC"; echo "$1"; echo "${NO_DEPS[*]}"; cat pyproject.toml; } \
+        | sha256sum | cut -d' ' -f1
 }
 
 stamp_file() {  # $1: extras ("" or "[test]")
@@ -31,6 +35,7 @@ ensure_venv() {  # $1: pip extras: "" or "[test]"
     python -m pip install -q --disable-pip-version-check --upgrade pip
     python -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
     python -m pip install -q --disable-pip-version-check -e ".$1"
+    python -m pip install -q --disable-pip-version-check --no-deps "${NO_DEPS[@]}"
     install_stamp "$1" > "$(stamp_file "$1")"
     echo "Installed in $((SECONDS - started)) s." >&2
 }

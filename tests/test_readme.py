@@ -196,6 +196,14 @@ def check_scale_out(block: str, demo: str, scratch: Path) -> None:
     assert "--ray" in flags and "--replicas" in flags
 
 
+def check_upscale(block: str, demo: str, scratch: Path) -> None:
+    output = run(block, demo, scratch)
+    assert output.splitlines()[0] == "['None', 'Lanczos', 'Nearest']"  # the demo server has no upscalers_dir
+    sent = Image.open(ROOT / "examples" / "in.png").convert("RGB")
+    expected = np.asarray(sent.resize((128, 128), Image.Resampling.LANCZOS), dtype=np.int16)
+    assert np.abs(image(scratch / "big.png").astype(np.int16) - expected).max() <= 1
+
+
 BASH_CHECKS: dict[str, Callable[[str, str, Path], None]] = {
     "bash scripts/serve-demo.sh": check_serve_demo,
     "bash scripts/test.sh": check_test_command,
@@ -210,6 +218,7 @@ BASH_CHECKS: dict[str, Callable[[str, str, Path], None]] = {
     "id=$(curl -s localhost:1337/v1/jobs -H 'content-type: application/json' \\": check_jobs,
     "docker build -t sdserver .                                   # CPU": check_docker,
     "pip install 'sdserver[ray]'": check_scale_out,
+    "# examples/in.png (64x64) to 128x128; upscaler_1: a name from /sdapi/v1/upscalers": check_upscale,
 }
 
 

@@ -67,11 +67,13 @@ def test_the_first_run_says_what_it_installs_then_the_next_runs_skip_it(checkout
     said = first.stderr.splitlines()
     assert said[0].startswith("Installing sdserver into .venv: torch==2.13.0, diffusers") and "1.5 GB" in said[0]
     assert said[-1].startswith("Installed in ")
-    assert pip_installs(checkout) == ["pip", "torch==2.13.0", "."]
+    assert pip_installs(checkout) == ["pip", "torch==2.13.0", ".", "einops>=0.7"]
+    no_deps = [call for call in calls(checkout) if "--no-deps" in call]
+    assert len(no_deps) == 1 and "spandrel>=0.4,<0.5 einops>=0.7" in no_deps[0], "spandrel pulls no torchvision"
 
     second = run(checkout, "serve-demo.sh")
     assert second.returncode == 0 and second.stderr == "" and second.stdout == "sdserver serve --model demo\n"
-    assert len(pip_installs(checkout)) == 3, "nothing installed again"
+    assert len(pip_installs(checkout)) == 4, "nothing installed again"
 
 
 @pytest.mark.parametrize("change", ["pyproject", "torch"])
@@ -85,14 +87,16 @@ def test_a_changed_pyproject_or_torch_spec_installs_again(checkout: Path, change
         env["TORCH_SPEC"] = "torch==2.14.0"
     again = run(checkout, "serve-demo.sh", **env)
     assert again.returncode == 0 and again.stderr.startswith("Installing")
-    assert len(pip_installs(checkout)) == 6
+    assert len(pip_installs(checkout)) == 8
 
 
 def test_the_test_install_covers_the_server_but_not_the_other_way_round(checkout: Path) -> None:
     assert run(checkout, "serve-demo.sh").returncode == 0
     tests = run(checkout, "test.sh", "-q")
     assert tests.returncode == 0 and tests.stderr.startswith("Installing sdserver[test,ray]")
-    assert pip_installs(checkout)[-1] == ".[test,ray]" and calls(checkout)[-1] == "python -m pytest -q"
+    assert (
+        pip_installs(checkout)[-2:] == [".[test,ray]", "einops>=0.7"] and calls(checkout)[-1] == "python -m pytest -q"
+    )
     installs = len(pip_installs(checkout))
     assert run(checkout, "serve-demo.sh").stderr == ""
     assert run(checkout, "test.sh").stderr == ""

@@ -29,6 +29,7 @@ from sdserver.engine.loras import LoraLibrary, applied
 from sdserver.engine.registry import ModelSpec, Registry, specs_from_settings
 from sdserver.engine.session import Session, failures
 from sdserver.engine.speed import Tuning, lora_ready
+from sdserver.engine.upscalers import Upscalers
 from sdserver.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,13 @@ class Engine:
         loras: LoraLibrary | None = None,
         limits: Limits | None = None,
         controlnets: ControlNetLibrary | None = None,
+        upscalers: Upscalers | None = None,
     ) -> None:
         self.registry = registry
         self.loras = loras or LoraLibrary(None)
         self.controlnets = controlnets or ControlNetLibrary(None)
         self.limits = limits or Limits()
+        self.upscalers = upscalers or Upscalers(None)  # the built-in resamplers only
         self._fall_back_to_demo = fall_back_to_demo
         self._preload = preload or []
 
@@ -79,6 +82,7 @@ class Engine:
             loras=LoraLibrary(settings.loras_dir),
             limits=settings.limits,
             controlnets=ControlNetLibrary(settings.controlnet_dir),
+            upscalers=Upscalers(settings.upscalers_dir, device, registry.dtype),
         )
 
     def load(self) -> None:
@@ -198,6 +202,12 @@ class Engine:
                 session.step([state for state in states if not state.done])
                 on_step(done, total, lambda: [image for state in states for image in session.previews(state)])
             return session.finish(states)
+
+    def upscale(self, images: list[Image.Image], name: str, width: int, height: int) -> list[Image.Image]:
+        """Each image upscaled by upscaler `name` to exactly `width` x `height` (on the worker thread:
+        Scheduler.call). A model upscaler loads on first use."""
+        with failures(self.upscalers.device):
+            return [self.upscalers.upscale(image, name, width, height) for image in images]
 
     def native_size(self, name: str | None) -> int | None:
         """The model's native image side (px), known once it is loaded; asking never loads a model."""

@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sdserver.api import adapter
 from sdserver.api.a1111 import controlnet
+from sdserver.api.a1111 import extras
 from sdserver.api.a1111 import options as a1111_options
 from sdserver.api.a1111.listings import listings
 from sdserver.api.a1111.protocol import (
@@ -300,6 +301,7 @@ async def sdapi_png_info(body: PngInfoBody) -> PngInfoOut:
 router.include_router(sdapi)
 router.include_router(listings)
 router.include_router(controlnet.router)  # the sd-webui-controlnet extension's /controlnet/* routes
+router.include_router(extras.router)  # /sdapi/v1 upscaling (extras.py)
 
 
 @router.post("/png-info", response_model=PngInfoOut, tags=["images"])
