@@ -59,6 +59,13 @@ def parameters_for(
         "denoising_strength": None if request.task.value == "txt2img" else request.strength,
         "software": f"sdserver {__version__}",
     }
+    if request.controlnets:
+        params["controlnets"] = [
+            {"module": unit.module, "model": unit.name, "weight": unit.weight, "resize_mode": unit.resize_mode,
+             "processor_res": unit.processor_res, "guidance_start": unit.guidance_start,
+             "guidance_end": unit.guidance_end, "control_mode": unit.control_mode, "pixel_perfect": unit.pixel_perfect}
+            for unit in request.controlnets
+        ]  # fmt: skip
     if first is not None and second.hires is not None:
         hires = second.hires
         params["denoising_strength"] = hires.strength
@@ -95,6 +102,7 @@ def infotext(params: Mapping[str, Any]) -> str:
         ("Hires upscaler", hires.get("upscaler")),
         ("Hires sampler", hires.get("sampler")),
         ("Clip skip", params.get("clip_skip")),
+        *_controlnet_fields(params.get("controlnets") or []),
         ("Version", params.get("software")),
     ]
     last = ", ".join(f"{key}: {_quote(value)}" for key, value in fields if value is not None)
@@ -103,6 +111,28 @@ def infotext(params: Mapping[str, Any]) -> str:
         lines.append(f"Negative prompt: {params['negative_prompt']}")
     lines.append(last)
     return "\n".join(lines)
+
+
+CONTROL_MODES = {
+    "balanced": "Balanced",
+    "prompt": "My prompt is more important",
+    "controlnet": "ControlNet is more important",
+}
+
+
+def _controlnet_fields(units: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """The sd-webui-controlnet extension's infotext fields: `ControlNet 0: "Module: canny, Model: ..."`."""
+    fields = []
+    for index, unit in enumerate(units):
+        parts = [
+            ("Module", unit.get("module")), ("Model", unit.get("model")), ("Weight", _number(unit.get("weight"))),
+            ("Resize Mode", unit.get("resize_mode")), ("Processor Res", unit.get("processor_res")),
+            ("Guidance Start", unit.get("guidance_start")), ("Guidance End", unit.get("guidance_end")),
+            ("Pixel Perfect", unit.get("pixel_perfect")),
+            ("Control Mode", CONTROL_MODES.get(str(unit.get("control_mode")), unit.get("control_mode"))),
+        ]  # fmt: skip
+        fields.append((f"ControlNet {index}", ", ".join(f"{key}: {value}" for key, value in parts)))
+    return fields
 
 
 def text_chunks(params: Mapping[str, Any]) -> dict[str, str]:

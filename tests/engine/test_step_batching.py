@@ -86,3 +86,32 @@ def test_an_inpainting_model_mixes_every_task(engines: Callable[[str], Engine]) 
         (alone,) = engine.run([request], lambda *_: None)
         for mixed, single in zip(images, alone, strict=True):
             assert max_pixel_diff(mixed.image, single.image) <= 2, request.prompt
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_controlnet_rows_are_weighted_each_as_alone(
+    family_model: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory, arch: str
+) -> None:
+    """Units of one ControlNet with different images, weights, windows and modes, CFG and not, share one
+    ControlNet forward per step; each request draws what it draws alone."""
+    from tests.support.controlnets import make_tiny_controlnet
+
+    folder = tmp_path_factory.mktemp("controlnets")
+    make_tiny_controlnet(family_model(arch) / "unet", folder / "tiny")
+    engine = Engine.from_settings(Settings(model=str(family_model(arch)), device="cpu", controlnet_dir=str(folder)))
+    engine.load()
+    unit = {"model": "tiny", "module": "canny", "image": scene()}
+    specs: list[dict[str, Any]] = [
+        {"prompt": "a red circle", "steps": 4, "seed": 1, "controlnets": [unit]},
+        {"prompt": "a blue square", "steps": 3, "seed": 2, "guidance_scale": 1.0,
+         "controlnets": [{**unit, "weight": 0.5, "module": "invert"}]},
+        {"prompt": "a green circle", "steps": 4, "seed": 3, "controlnets": [{**unit, "control_mode": 2}]},
+        {"prompt": "two", "steps": 4, "seed": 4, "num_images": 2,
+         "controlnets": [{**unit, "guidance_start": 0.5, "control_mode": 1}]},
+    ]  # fmt: skip
+    requests = [engine.prepare(validate_request({"width": SIZE, "height": SIZE, **spec})) for spec in specs]
+    together = run_mixed(engine, requests, join_at={2: 1, 3: 2})
+    for request, images in zip(requests, together, strict=True):
+        (alone,) = engine.run([request], lambda *_: None)
+        for mixed, single in zip(images, alone, strict=True):
+            assert max_pixel_diff(mixed.image, single.image) <= 2, request.prompt

@@ -18,9 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from sdserver import preprocessors
 from sdserver.core.errors import FieldError, InvalidRequest
+from sdserver.core.fields import ImageField
 from sdserver.core.images import decode_field
 from sdserver.core.limits import Limits
-from sdserver.core.types import ImageField
 
 ControlMode = Literal["balanced", "prompt", "controlnet"]
 ResizeMode = preprocessors.ResizeMode  # "Just Resize" | "Crop and Resize" | "Resize and Fill"

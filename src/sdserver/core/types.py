@@ -25,8 +25,10 @@ from pydantic import (
     model_validator,
 )
 
+from sdserver.core.control import MAX_UNITS, ControlUnit
 from sdserver.core.errors import FieldError, InvalidRequest
-from sdserver.core.images import decode_field, fit, open_field
+from sdserver.core.fields import ImageField, limits_of
+from sdserver.core.images import decode_field, fit
 from sdserver.core.limits import Limits
 from sdserver.core.sizing import output_size
 
@@ -62,22 +64,6 @@ class Task(StrEnum):
     IMG2IMG = "img2img"
     INPAINT = "inpaint"
 
-
-def _image(value: Any, info: ValidationInfo) -> Any:
-    """Only the header is read here; the pixels are decoded once every check has passed."""
-    if value is None or (isinstance(value, str | bytes) and not value):
-        return None  # an empty form field means "not given"
-    if not isinstance(value, Image.Image | str | bytes):
-        raise ValueError("expected a base64-encoded image")
-    return open_field(value, str(info.field_name), _limits(info).max_input_pixels)
-
-
-def _limits(info: ValidationInfo) -> Limits:
-    limits: Limits = (info.context or {}).get("limits") or Limits()
-    return limits
-
-
-ImageField = Annotated[Any, BeforeValidator(_image)]
 
 # AUTOMATIC1111's prompt syntax for LoRAs, which users type into every client: <lora:name:weight>
 _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
@@ -186,6 +172,7 @@ class GenerationRequest(BaseModel):
     clip_skip: int | None = Field(default=None, ge=1, le=12)  # A1111's: 1 = last CLIP layer, 2 = penultimate
     loras: LoraField = ()  # also read from <lora:name:weight> tags in the prompt
     hires: HiresFix | None = None  # txt2img: a second, upscaled pass (A1111's hires fix)
+    controlnets: tuple[ControlUnit, ...] = Field(default=(), max_length=MAX_UNITS)  # from controlnet_dir
 
     @model_validator(mode="before")
     @classmethod
@@ -205,7 +192,7 @@ class GenerationRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check_inputs(self, info: ValidationInfo) -> GenerationRequest:
-        limits = _limits(info)
+        limits = limits_of(info)
         source = self.init_image.size if self.init_image is not None else None
         output_size(self.width, self.height, source, limits)  # checked before any pixel is decoded
         for name, value, limit in (
@@ -285,6 +272,7 @@ class PreparedRequest(GenerationRequest):
     # from: an engine tensor, one row per image (the upscaled pixels, or the resized latents).
     first_pass: GenerationRequest | None = None
     init_tensor: Any = None
+    control_images: tuple[Image.Image, ...] = ()  # each ControlNet unit's preprocessed image (Engine.prepare)
 
     @property
     def needs_second_pass(self) -> bool:

@@ -21,6 +21,7 @@ from sdserver.core.types import (
     strength_problem,
 )
 from sdserver.engine import families
+from sdserver.engine.control import control_images
 from sdserver.engine.controlnets import ControlNetLibrary
 from sdserver.engine.device import device_memory, pick_device, pick_dtype
 from sdserver.engine.families.base import upscaled_latents
@@ -120,6 +121,9 @@ class Engine:
         native = None if request.init_image is not None else model.native_size
         filled = request.model_copy(update={"model": spec.name, "steps": steps, "guidance_scale": guidance})
         prepared = PreparedRequest.model_construct(**dict(filled.sized(self.limits, native)))
+        if prepared.controlnets:
+            maps = control_images(self.controlnets, prepared, model.family.name, model.description.kind)
+            prepared = prepared.model_copy(update={"control_images": maps})
         return prepared if prepared.hires is None else self._prepare_hires(prepared, model)
 
     def _prepare_hires(self, request: PreparedRequest, model: LoadedPipelines) -> PreparedRequest:
@@ -188,7 +192,7 @@ class Engine:
             if loras:
                 lora_ready(model, name)
             with applied(self.loras, model, loras):
-                yield Session(model, name, self.model_hash)
+                yield Session(model, name, self.model_hash, self.controlnets)
 
     def run(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[GeneratedImage]]:
         """Run prepared requests (one model, one LoRA set) together, a denoising step at a time;

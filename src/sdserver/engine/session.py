@@ -18,6 +18,8 @@ from PIL import Image
 from sdserver import metadata
 from sdserver.core.errors import GenerationError, OutOfMemory, SDServerError
 from sdserver.core.types import GeneratedImage, GenerationRequest, PreparedRequest, Task
+from sdserver.engine import control
+from sdserver.engine.controlnets import ControlNetLibrary
 from sdserver.engine.device import free_device_memory, is_out_of_memory
 from sdserver.engine.families import Family, State, denoise
 from sdserver.engine.loaders import LoadedPipelines
@@ -29,8 +31,11 @@ ModelHash = Callable[[str], str | None]
 
 
 class Session:
-    def __init__(self, model: LoadedPipelines, name: str, model_hash: ModelHash) -> None:
+    def __init__(
+        self, model: LoadedPipelines, name: str, model_hash: ModelHash, controlnets: ControlNetLibrary | None = None
+    ) -> None:
         self.model, self.name, self._model_hash = model, name, model_hash
+        self.controlnets = controlnets or ControlNetLibrary(None)
 
     @property
     def family(self) -> Family:
@@ -40,7 +45,10 @@ class Session:
         """Encode the prompts and start the request's state (its scheduler, timesteps, initial latents)."""
         with failures(self.model.device), torch.no_grad():
             before_encode(self.model)
-            return self.family.start(self.model, request, self.family.encode(self.model, request))
+            state = self.family.start(self.model, request, self.family.encode(self.model, request))
+            dtype = state.latents.dtype
+            control.attach(state, self.controlnets, self.model.device, dtype)
+            return state
 
     def fits(self, states: Sequence[State], requests: Sequence[PreparedRequest]) -> bool:
         """Whether `requests` can join `states` (one size) and a step over all of them still be one denoiser

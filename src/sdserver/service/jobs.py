@@ -63,7 +63,8 @@ class Job:
         """Jobs with equal keys can share one pipeline call."""
         r = self.request
         sampling = (r.steps, r.guidance_scale, r.eta, r.strength, r.sampler, r.clip_skip)
-        return (r.model, r.task, r.width, r.height, *sampling, r.loras)  # LoRAs apply to a whole batch
+        controls = tuple(unit.name for unit in r.controlnets)
+        return (r.model, r.task, r.width, r.height, *sampling, r.loras, controls)  # LoRAs apply to a whole batch
 
     @property
     def done(self) -> bool:

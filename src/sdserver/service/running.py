@@ -60,8 +60,13 @@ class Member:
 
 
 def group_key(request: GenerationRequest) -> tuple[object, ...]:
-    """Jobs with equal keys can share a running set: same model, LoRA set and latent shape."""
-    return (request.model, request.loras, request.width, request.height)
+    """Jobs with equal keys can share a running set: same model, LoRA set, latent shape and ControlNets."""
+    return (request.model, request.loras, request.width, request.height, _controlnets(request))
+
+
+def _controlnets(request: GenerationRequest) -> tuple[str, ...]:
+    """The ControlNets a request's rows go through, in order: one forward per unit over the set's rows."""
+    return tuple(unit.name for unit in request.controlnets)
 
 
 FollowUp = Callable[[Job, list[GeneratedImage]], bool]

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sdserver import __version__
 from sdserver.api.adapter import fitted_images, random_seed
+from sdserver.core.control import units_from_alwayson_scripts
 from sdserver.core.errors import InvalidRequest, NotFound
 from sdserver.core.types import (
     SAMPLER_ALIASES,
@@ -166,7 +167,7 @@ def sampler_of(body: Txt2ImgBody) -> str | None:
 # this API does not know is noted.
 UNSUPPORTED: dict[str, Any] = {
     "restore_faces": False, "tiling": False, "styles": None, "subseed_strength": 0.0,
-    "script_name": None, "alwayson_scripts": None, "seed_resize_from_h": 0, "seed_resize_from_w": 0,
+    "script_name": None, "seed_resize_from_h": 0, "seed_resize_from_w": 0,
     "s_churn": 0, "s_tmin": 0, "s_tmax": 0, "s_noise": 1, "resize_mode": 0, "inpainting_fill": 0,
     "inpaint_full_res": False, "refiner_checkpoint": None, "image_cfg_scale": None,
 }  # fmt: skip
@@ -174,7 +175,8 @@ INERT = frozenset(
     {
         "subseed", "script_args", "denoising_strength", "do_not_save_samples", "do_not_save_grid", "comments",
         "disable_extra_networks", "force_task_id", "infotext", "s_min_uncond", "refiner_switch_at",
-        "initial_noise_multiplier", "latent_mask", "inpaint_full_res_padding", "mask_round", "firstpass_image",
+        "initial_noise_multiplier", "latent_mask", "alwayson_scripts", "inpaint_full_res_padding", "mask_round",
+        "firstpass_image",
         "sampler_index", "include_init_images", "override_settings_restore_afterwards",
     }
 )  # fmt: skip
@@ -204,6 +206,9 @@ def generation_request(
     }
     if body.eta is not None:
         data["eta"] = body.eta
+    units = units_from_alwayson_scripts((body.model_extra or {}).get("alwayson_scripts"), limits)
+    if units:
+        data["controlnets"] = units
     if isinstance(body, Img2ImgBody):
         data.update(_img2img_inputs(body, limits))
     elif body.enable_hr:
@@ -257,6 +262,10 @@ def notes(body: Txt2ImgBody, ignored_options: list[str] | None = None) -> list[s
         found.append(f"override_settings.{name} has no effect on sdserver and was ignored")
     if isinstance(body, Img2ImgBody) and body.enable_hr:
         found.append("enable_hr applies to txt2img only and was ignored")
+    scripts = (body.model_extra or {}).get("alwayson_scripts")
+    for script, args in scripts.items() if isinstance(scripts, dict) else ():
+        if str(script).strip().lower() != "controlnet" and args:
+            found.append(f"alwayson_scripts.{script} is not supported and was ignored (only ControlNet is)")
     second_model = (body.model_extra or {}).get("hr_checkpoint_name")
     if body.enable_hr and second_model not in (None, "", "Use same checkpoint"):
         found.append("hr_checkpoint_name is not supported: the second pass used the first pass's model")

@@ -15,8 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from sdserver.api import adapter
-from sdserver.api.a1111 import controlnet
-from sdserver.api.a1111 import extras
+from sdserver.api.a1111 import controlnet, extras
 from sdserver.api.a1111 import options as a1111_options
 from sdserver.api.a1111.listings import listings
 from sdserver.api.a1111.protocol import (

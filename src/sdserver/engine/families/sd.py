@@ -27,6 +27,7 @@ from sdserver.core.errors import ModelLoadError, UnsupportedModel
 from sdserver.core.types import PreparedRequest, Task
 from sdserver.engine.architectures import Prediction, detect, write_config_folder
 from sdserver.engine.checkpoint import read_state_dict
+from sdserver.engine.control import step_residuals
 from sdserver.engine.families.base import (
     Conditioning,
     Description,
@@ -193,12 +194,16 @@ class StableDiffusion(Family):
         self, model: LoadedPipelines, states: Sequence[State], inputs: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
         has_cond = "timestep_cond" in states[0].conditioning.tensors
+        hidden, added = stacked(states, "encoder_hidden_states"), self.added_conditions(states)
+        control = step_residuals(states, inputs, timesteps, hidden, added)  # None without ControlNets
         prediction: torch.Tensor = model.txt2img.unet(
             inputs,
             timesteps,
-            encoder_hidden_states=stacked(states, "encoder_hidden_states"),
+            encoder_hidden_states=hidden,
             timestep_cond=stacked(states, "timestep_cond") if has_cond else None,
-            added_cond_kwargs=self.added_conditions(states),
+            added_cond_kwargs=added,
+            down_block_additional_residuals=control[0] if control else None,
+            mid_block_additional_residual=control[1] if control else None,
             return_dict=False,
         )[0]
         return prediction
