@@ -35,8 +35,10 @@ def parameters_for(
     model: str,
     model_hash: str | None,
     sampler: str,
+    embeddings: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The structured parameters of one generated image (the `parameters_json` chunk)."""
+    """The structured parameters of one generated image (the `parameters_json` chunk). `embeddings`: the
+    textual-inversion embeddings the prompts used, name -> short hash (A1111's "TI hashes")."""
     params: dict[str, Any] = {
         # A1111 keeps LoRA tags in the prompt: pasting the parameters back reproduces the image.
         "prompt": " ".join([request.prompt, *(f"<lora:{lora.name}:{lora.weight:g}>" for lora in request.loras)]),
@@ -55,6 +57,8 @@ def parameters_for(
         "denoising_strength": None if request.task.value == "txt2img" else request.strength,
         "software": f"sdserver {__version__}",
     }
+    if embeddings:
+        params["ti_hashes"] = ", ".join(f"{name}: {digest}" for name, digest in embeddings.items())
     return params
 
 
@@ -70,6 +74,7 @@ def infotext(params: Mapping[str, Any]) -> str:
         ("Model", params.get("model")),
         ("Denoising strength", _number(params.get("denoising_strength"))),
         ("Clip skip", params.get("clip_skip")),
+        ("TI hashes", params.get("ti_hashes")),
         ("Version", params.get("software")),
     ]
     last = ", ".join(f"{key}: {_quote(value)}" for key, value in fields if value is not None)
