@@ -198,3 +198,14 @@ def test_notes_name_the_skipped_embeddings_a_prompt_uses(
         "embedding 'xlstyle' was not used: it is for another architecture (32+64-wide, this model needs 32)",
     ]
     assert engine.embedding_notes(validate_request({"prompt": "a charturner and a zebra"})) == []  # plain words
+
+
+def test_an_offloaded_model_takes_new_files_only_when_it_loads_again(
+    engines: EngineFactory, tiny_model: Path, embeddings_dir: Path, tmp_path: Path
+) -> None:
+    model = engines(tiny_model, embeddings_dir).registry.get(None)
+    make_tiny_embedding(tmp_path / "newer.pt", text_widths(tiny_model)[0], seed=9)
+    found = load_embeddings(model.family, model.txt2img, tmp_path, model.embeddings, offloaded=True)
+    assert found.loaded == model.embeddings.loaded  # what was registered stays
+    assert "added after the model loaded" in found.skipped["newer"].reason
+    assert "newer" not in model.txt2img.tokenizer.get_vocab()

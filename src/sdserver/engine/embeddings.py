@@ -262,22 +262,28 @@ def listing(folder: str | Path | None, reason: str) -> EmbeddingSet:
 # -- registering with a model ----------------------------------------------------------------------
 
 
-def load_embeddings(family: Family, pipe: Any, folder: str | Path | None) -> EmbeddingSet:
+def load_embeddings(
+    family: Family, pipe: Any, folder: str | Path | None, known: EmbeddingSet | None = None, *, offloaded: bool = False
+) -> EmbeddingSet:
     """Register the folder's embeddings that fit `pipe`'s text encoders (the family's
-    `embedding_encoders`); the pipelines built from `pipe` share its tokenizers and encoders."""
+    `embedding_encoders`); the pipelines built from `pipe` share its tokenizers and encoders.
+    A refresh passes `known` (what the model registered before): those stay registered, and only new
+    names are added; an `offloaded` model takes none then (registering would undo its offload hooks)."""
     if folder is None:
-        return EmbeddingSet()
+        return known or EmbeddingSet()
     files, unreadable = scan(Path(folder).expanduser())
-    found = EmbeddingSet(skipped=dict(unreadable))
-    encoders = family.embedding_encoders
-    if not encoders:
+    found = EmbeddingSet(loaded=dict(known.loaded) if known is not None else {}, skipped=dict(unreadable))
+    files = [file for file in files if file.info.name not in found.loaded]
+    unusable = _unusable(family, offloaded and known is not None)
+    if unusable is not None:
         if files:
-            log.info("embeddings: none used, %s models take no textual-inversion embeddings", family.name)
-        none = f"{family.name} models take no textual-inversion embeddings"
-        found.skipped.update({file.info.name: Skipped(none, file.info) for file in files})
+            log.info("embeddings: %d not used, %s", len(files), unusable)
+        found.skipped.update({file.info.name: Skipped(unusable, file.info) for file in files})
         return found
-    widths = tuple(int(getattr(pipe, encoder).get_input_embeddings().weight.shape[-1]) for encoder in encoders)
-    vocabularies = [set(_tokenizer(pipe, encoder).get_vocab()) for encoder in encoders]
+    widths = tuple(
+        int(getattr(pipe, encoder).get_input_embeddings().weight.shape[-1]) for encoder in family.embedding_encoders
+    )
+    vocabularies = [set(_tokenizer(pipe, encoder).get_vocab()) for encoder in family.embedding_encoders]
     accepted: list[EmbeddingFile] = []
     for file in files:
         reason = _misfit(file, widths, vocabularies)
@@ -288,10 +294,22 @@ def load_embeddings(family: Family, pipe: Any, folder: str | Path | None) -> Emb
         for vocabulary in vocabularies:
             vocabulary.update(file.tokens)  # a later file may not take these tokens
         accepted.append(file)
-    _register(pipe, encoders, accepted, found)
-    if found.loaded:
-        log.info("embeddings: loaded %d (%s)", len(found.loaded), ", ".join(found.loaded))
+    _register(pipe, family.embedding_encoders, accepted, found)
+    if accepted:
+        log.info(
+            "embeddings: registered %s",
+            ", ".join(file.info.name for file in accepted if file.info.name in found.loaded),
+        )
     return found
+
+
+def _unusable(family: Family, offloaded_refresh: bool) -> str | None:
+    """Why no embedding can be registered now (None: they can)."""
+    if not family.embedding_encoders:
+        return f"{family.name} models take no textual-inversion embeddings"
+    if offloaded_refresh:
+        return "it was added after the model loaded, and an offloaded model takes new ones only when it loads again"
+    return None
 
 
 def _misfit(file: EmbeddingFile, widths: tuple[int, ...], vocabularies: list[set[str]]) -> str | None:

@@ -21,7 +21,7 @@ from sdserver.core.types import (
 )
 from sdserver.engine import families
 from sdserver.engine.device import device_memory, pick_device, pick_dtype
-from sdserver.engine.embeddings import listing
+from sdserver.engine.embeddings import listing, load_embeddings
 from sdserver.engine.loaders import LoadedPipelines
 from sdserver.engine.loras import LoraLibrary, applied
 from sdserver.engine.registry import ModelSpec, Registry, specs_from_settings
@@ -169,6 +169,18 @@ class Engine:
         words are just words); nothing for a model not loaded."""
         model = self.registry.loaded(request.model)
         return [] if model is None else model.embeddings.notes(request.prompt, request.negative_prompt)
+
+    def refresh_embeddings(self) -> None:
+        """Register the embeddings added to embeddings_dir since each loaded model loaded. Call it on the
+        worker thread (Scheduler.call): it grows the text encoders' token tables. Files removed or changed
+        meanwhile stay as they were registered until the model loads again."""
+        for name in self.registry.loaded_names():
+            model = self.registry.loaded(name) if name in self.registry.names() else None
+            if model is not None:
+                folder, offloaded = self.registry.embeddings_dir, model.offload != "none"
+                model.embeddings = load_embeddings(
+                    model.family, model.txt2img, folder, model.embeddings, offloaded=offloaded
+                )
 
 
 def check_options(model: LoadedPipelines, request: GenerationRequest) -> None:

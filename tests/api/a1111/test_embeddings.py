@@ -92,3 +92,17 @@ def test_a_model_not_loaded_lists_every_file_as_skipped(client: TestClient) -> N
     assert listing["loaded"] == {}
     assert set(listing["skipped"]) == {"CharTurner", "flat", "xlstyle"}
     assert all("not loaded" in entry["reason"] for entry in listing["skipped"].values())
+
+
+def test_refresh_registers_the_files_added_since(make_client: ClientFactory, tiny_model: Path, tmp_path: Path) -> None:
+    client = make_client(model=str(tiny_model), embeddings_dir=str(tmp_path))
+    assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+    (width,) = text_widths(tiny_model)
+    make_tiny_embedding(tmp_path / "later.pt", width, seed=7)
+    before, _ = txt2img(client, prompt="a later portrait")
+    assert client.get("/sdapi/v1/embeddings").json()["loaded"] == {}  # not until the refresh
+    for _ in range(2):  # a second refresh changes nothing
+        assert client.post("/sdapi/v1/refresh-embeddings").status_code == 200
+        assert set(client.get("/sdapi/v1/embeddings").json()["loaded"]) == {"later"}
+        after, info = txt2img(client, prompt="a later portrait")
+        assert max_pixel_diff(after, before) > 0 and "TI hashes" in info["infotexts"][0]

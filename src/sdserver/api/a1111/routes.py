@@ -7,6 +7,7 @@ requests only; only the admin key may change it. Progress and interrupt see the 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -301,6 +302,12 @@ async def embeddings(engine: EngineDep, options: OptionsDep) -> dict[str, Any]:
     """The textual-inversion embeddings (embeddings_dir) of the selected checkpoint: `loaded` ones a prompt
     uses by name, and `skipped` ones (another architecture, unreadable), each with its `reason`."""
     return await run_in_threadpool(engine.embeddings, options.model)
+
+
+@sdapi.post("/refresh-embeddings")
+async def refresh_embeddings(engine: EngineDep, scheduler: SchedulerDep) -> None:
+    """Register the files added to embeddings_dir with the loaded models (on the worker, between steps)."""
+    await asyncio.wrap_future(scheduler.call(engine.refresh_embeddings))
 
 
 router.include_router(sdapi)
