@@ -6,6 +6,7 @@ A1111's "TI hashes"."""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,13 @@ from tests.support.embeddings import make_tiny_embedding, text_widths
 EngineFactory = Callable[..., Engine]
 
 
+class Evil:
+    """Unpickling it would run a command."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, ("echo pwned",))
+
+
 @pytest.fixture(scope="module")
 def embeddings_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, arch_model: ArchModels) -> Path:
     folder = tmp_path_factory.mktemp("embeddings")
@@ -37,7 +45,9 @@ def embeddings_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, a
     make_tiny_embedding(folder / "styles" / "concept.bin", sd1, vectors=1, fmt="diffusers", seed=3)  # a subfolder
     make_tiny_embedding(folder / "xlstyle.safetensors", xl, vectors=2, fmt="sdxl", seed=4)
     make_tiny_embedding(folder / "wide.pt", 2 * sd1 + 1, seed=5)  # no tiny model is this wide
+    make_tiny_embedding(folder / "legacy.pt", sd1, vectors=1, fmt="pt-module", seed=6)
     (folder / "broken.pt").write_bytes(b"not a pickle at all")
+    torch.save({"string_to_param": {"*": Evil()}}, folder / "evil.pt")
     return folder
 
 
@@ -99,10 +109,11 @@ def test_every_file_format_loads_and_the_others_are_skipped_with_the_reason(
     engines: EngineFactory, tiny_model: Path, embeddings_dir: Path
 ) -> None:
     found = engines(tiny_model, embeddings_dir).registry.get(None).embeddings
-    assert set(found.loaded) == {"CharTurner", "flat", "concept"}
+    assert set(found.loaded) == {"CharTurner", "flat", "concept", "legacy"}
     assert (found.loaded["CharTurner"].vectors, found.loaded["CharTurner"].step) == (3, 1000)
     skipped = {name: skip.reason for name, skip in found.skipped.items()}
-    assert set(skipped) == {"xlstyle", "wide", "broken"}
+    assert set(skipped) == {"xlstyle", "wide", "broken", "evil"}
+    assert "refused" in skipped["evil"] and "posix.system" in skipped["evil"]
     assert skipped["wide"] == "it is for another architecture (65-wide, this model needs 32)"
     assert skipped["xlstyle"] == "it is for another architecture (32+64-wide, this model needs 32)"
     assert "cannot be read" in skipped["broken"]

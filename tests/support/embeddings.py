@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from safetensors.torch import save_file
 
-Format = Literal["pt", "safetensors", "sdxl", "diffusers"]
+Format = Literal["pt", "pt-module", "safetensors", "sdxl", "diffusers"]
 
 
 def text_widths(model: Path) -> tuple[int, ...]:
@@ -38,10 +38,11 @@ def make_tiny_embedding(
         save_file({"emb_params": parts[0]}, str(path))
     elif fmt == "diffusers":
         torch.save({path.stem: parts[0]}, path)
-    else:  # A1111's own .pt, as its training tab writes it
+    else:  # A1111's own .pt, as its training tab writes it ("pt-module": as older code did, a ParameterDict)
+        params = torch.nn.ParameterDict({"*": torch.nn.Parameter(parts[0])}) if fmt == "pt-module" else {"*": parts[0]}
         data = {
             "string_to_token": {"*": 265},
-            "string_to_param": {"*": parts[0]},
+            "string_to_param": params,
             "name": path.stem,
             "step": 1000,
             "sd_checkpoint": "0123456789",

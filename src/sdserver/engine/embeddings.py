@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".pt", ".bin", ".safetensors")
 MAX_FILE_BYTES = 32 * 2**20  # embeddings are KBs; past this it is something else (a model), not read
 SHORT_HASH = 12  # A1111's `shorthash`: what its infotext's "TI hashes" and Civitai carry
+# Older .pt files (the original textual-inversion code, early A1111) pickle `string_to_param` as a module:
+# read into an inert stub, whose `_parameters` hold the tensors (never built, nothing of it runs).
+PARAMETER_DICT = "torch.nn.modules.container.ParameterDict"
 
 
 class EmbeddingError(ValueError):
@@ -196,7 +199,7 @@ def _read(path: Path) -> dict[str, Any]:
         except (SafetensorError, OSError) as exc:
             raise EmbeddingError(f"it is not a valid .safetensors file ({exc})") from None
     try:
-        data = _unpickle_weights(path)
+        data = _unpickle_weights(path, inert=[PARAMETER_DICT])
     except SDServerError as exc:  # a refused pickle included
         raise EmbeddingError(f"it cannot be read: {exc.message}") from None
     if not isinstance(data, dict):
@@ -208,6 +211,8 @@ def _parts(data: dict[str, Any]) -> tuple[tuple[torch.Tensor, ...], dict[str, An
     """The tensors (one per text encoder) and A1111's metadata of a file's contents."""
     if "string_to_param" in data:  # A1111 .pt
         params = data["string_to_param"]
+        state = getattr(params, "state", None)  # an older file's ParameterDict (see PARAMETER_DICT)
+        params = state.get("_parameters") if isinstance(state, dict) else params
         if not isinstance(params, dict) or len(params) != 1:
             raise EmbeddingError("its string_to_param is not a single term")
         return (_matrix(next(iter(params.values())), "string_to_param"),), data
