@@ -45,6 +45,8 @@ def embeddings_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, a
     make_tiny_embedding(folder / "styles" / "concept.bin", sd1, vectors=1, fmt="diffusers", seed=3)  # a subfolder
     make_tiny_embedding(folder / "xlstyle.safetensors", xl, vectors=2, fmt="sdxl", seed=4)
     make_tiny_embedding(folder / "wide.pt", 2 * sd1 + 1, seed=5)  # no tiny model is this wide
+    (sd2,) = text_widths(arch_model("sd2").folder)
+    make_tiny_embedding(folder / "v2style.safetensors", sd2, fmt="safetensors", seed=8)
     make_tiny_embedding(folder / "legacy.pt", sd1, vectors=1, fmt="pt-module", seed=6)
     (folder / "broken.pt").write_bytes(b"not a pickle at all")
     torch.save({"string_to_param": {"*": Evil()}}, folder / "evil.pt")
@@ -112,7 +114,8 @@ def test_every_file_format_loads_and_the_others_are_skipped_with_the_reason(
     assert set(found.loaded) == {"CharTurner", "flat", "concept", "legacy"}
     assert (found.loaded["CharTurner"].vectors, found.loaded["CharTurner"].step) == (3, 1000)
     skipped = {name: skip.reason for name, skip in found.skipped.items()}
-    assert set(skipped) == {"xlstyle", "wide", "broken", "evil"}
+    assert set(skipped) == {"xlstyle", "v2style", "wide", "broken", "evil"}
+    assert skipped["v2style"] == "it is for another architecture (64-wide, this model needs 32)"
     assert "refused" in skipped["evil"] and "posix.system" in skipped["evil"]
     assert skipped["wide"] == "it is for another architecture (65-wide, this model needs 32)"
     assert skipped["xlstyle"] == "it is for another architecture (32+64-wide, this model needs 32)"
@@ -172,6 +175,12 @@ def test_sdxl_takes_both_parts_of_its_files_and_skips_sd1_files(
     plain = engines(folder, None)
     assert not torch.allclose(encoded(engine, "an xlstyle house"), encoded(plain, "an xlstyle house"))
     assert torch.equal(encoded(engine, "a house"), encoded(plain, "a house"))
+
+
+def test_sd2_takes_its_own_width(engines: EngineFactory, arch_model: ArchModels, embeddings_dir: Path) -> None:
+    found = engines(arch_model("sd2").folder, embeddings_dir).registry.get(None).embeddings
+    assert set(found.loaded) == {"v2style"}
+    assert found.skipped["flat"].reason == "it is for another architecture (32-wide, this model needs 64)"
 
 
 def test_flow_models_take_no_embeddings(embeddings_dir: Path) -> None:
