@@ -13,13 +13,14 @@ from typing import Any
 
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from sdserver.core.types import validate_request
 from sdserver.engine import Engine
 from sdserver.engine.embeddings import load_embeddings
 from sdserver.engine.families import all_families
-from sdserver.engine.loaders import LoadedPipelines
+from sdserver.engine.loaders import LoadedPipelines, load_pipelines
 from sdserver.metadata import params_of, parse_infotext
 from sdserver.settings import Settings
 from tests.conftest import SIZE, STEPS, ArchModels
@@ -229,3 +230,17 @@ def test_an_offloaded_model_takes_new_files_only_when_it_loads_again(
     assert found.loaded == model.embeddings.loaded  # what was registered stays
     assert "added after the model loaded" in found.skipped["newer"].reason
     assert "newer" not in model.txt2img.tokenizer.get_vocab()
+
+
+def test_a_failed_registration_skips_them_and_the_model_still_serves(
+    tiny_model: Path, embeddings_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("out of memory (injected)")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "load_textual_inversion", refuse)
+    model = load_pipelines(
+        str(tiny_model), device=torch.device("cpu"), dtype=torch.float32, embeddings_dir=str(embeddings_dir)
+    )
+    assert model.embeddings.loaded == {}
+    assert model.embeddings.skipped["flat"].reason == "registering it failed (RuntimeError: out of memory (injected))"

@@ -14,6 +14,7 @@ through `EmbeddingSet.rewrite` first: every mention of a name, in any case, beco
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -343,23 +344,29 @@ def _register(pipe: Any, encoders: tuple[str, ...], files: list[EmbeddingFile], 
     if not files:
         return
     names = [file.info.name.lower() for file in files]
+    tokens = [token for file in files for token in file.tokens]
     done: list[str] = []
     try:
         for index, encoder in enumerate(encoders):
+            tokenizer, text_encoder = _tokenizer(pipe, encoder), getattr(pipe, encoder)
+            # Grown here first, so diffusers' own resize to the same size is a no-op: transformers' default
+            # would fill the new rows from the old table's covariance (seconds on a CPU, the global RNG),
+            # only for them to be overwritten.
+            text_encoder.resize_token_embeddings(len(tokenizer) + len(tokens), mean_resizing=False)
             pipe.load_textual_inversion(
                 [file.parts[index] for file in files],
                 token=names,
-                tokenizer=_tokenizer(pipe, encoder),
-                text_encoder=getattr(pipe, encoder),
+                tokenizer=tokenizer,
+                text_encoder=text_encoder,
             )
             done.append(encoder)
     except Exception as exc:  # diffusers raises ValueError and others; checked above, so unexpected
         log.exception("embeddings: registering %d embeddings failed; none is used", len(files))
-        tokens = [token for file in files for token in file.tokens]
         for encoder in done:
-            pipe.unload_textual_inversion(
-                tokens, tokenizer=_tokenizer(pipe, encoder), text_encoder=getattr(pipe, encoder)
-            )
+            with contextlib.suppress(Exception):  # best effort: what is left of them is never named
+                pipe.unload_textual_inversion(
+                    tokens, tokenizer=_tokenizer(pipe, encoder), text_encoder=getattr(pipe, encoder)
+                )
         reason = f"registering it failed ({type(exc).__name__}: {exc})".splitlines()[0]
         found.skipped.update({file.info.name: Skipped(reason, file.info) for file in files})
         return
