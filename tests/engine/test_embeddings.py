@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from sdserver.core.types import validate_request
 from sdserver.engine import Engine
-from sdserver.engine.embeddings import load_embeddings
+from sdserver.engine.embeddings import EmbeddingInfo, EmbeddingSet, Skipped, load_embeddings
 from sdserver.engine.families import all_families
 from sdserver.engine.loaders import LoadedPipelines, load_pipelines
 from sdserver.metadata import params_of, parse_infotext
@@ -219,6 +219,13 @@ def test_notes_name_the_skipped_embeddings_a_prompt_uses(
         "embedding 'xlstyle' was not used: it is for another architecture (32+64-wide, this model needs 32)",
     ]
     assert engine.embedding_notes(validate_request({"prompt": "a charturner and a zebra"})) == []  # plain words
+
+
+def test_a_skipped_name_inside_a_loaded_one_is_not_noted() -> None:
+    info = EmbeddingInfo(name="flatcolor", file="flatcolor.pt", vectors=1, widths=(32,), sha256="0" * 64)
+    found = EmbeddingSet(loaded={"flatcolor": info}, skipped={"flat": Skipped("it is for another architecture")})
+    assert found.notes("a FlatColor house") == []
+    assert found.notes("a flat color") == ["embedding 'flat' was not used: it is for another architecture"]
 
 
 def test_an_offloaded_model_takes_new_files_only_when_it_loads_again(

@@ -121,9 +121,10 @@ class EmbeddingSet:
         return {by_token[token]: self.loaded[by_token[token]].shorthash for token in names}
 
     def notes(self, *texts: str | None) -> list[str]:
-        """One line per skipped embedding that `texts` name."""
-        by_token = {name.lower(): name for name in self.skipped}
-        names = [by_token[token] for token in _mentioned(self._skipped_pattern, texts)]
+        """One line per skipped embedding that `texts` name (outside the names of loaded ones)."""
+        loaded, by_token = self._loaded_pattern, {name.lower(): name for name in self.skipped}
+        rest = tuple(loaded.sub(" ", text) if loaded is not None and text else text for text in texts)
+        names = [by_token[token] for token in _mentioned(self._skipped_pattern, rest)]
         return [f"embedding {name!r} was not used: {self.skipped[name].reason}" for name in names]
 
     def a1111(self) -> dict[str, dict[str, dict[str, Any]]]:
