@@ -35,9 +35,11 @@ def parameters_for(
     model: str,
     model_hash: str | None,
     sampler: str,
+    embeddings: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The structured parameters of one generated image (the `parameters_json` chunk). A hires fix's
-    second pass is described as A1111 does: the first pass's prompt, steps and size, plus `hires`."""
+    second pass is described as A1111 does: the first pass's prompt, steps and size, plus `hires`.
+    `embeddings`: the textual-inversion embeddings the prompts used, name -> short hash ("TI hashes")."""
     second = request
     first: GenerationRequest | None = getattr(request, "first_pass", None)
     request = first if first is not None else request
@@ -59,6 +61,8 @@ def parameters_for(
         "denoising_strength": None if request.task.value == "txt2img" else request.strength,
         "software": f"sdserver {__version__}",
     }
+    if embeddings:
+        params["ti_hashes"] = ", ".join(f"{name}: {digest}" for name, digest in embeddings.items())
     if request.controlnets:
         params["controlnets"] = [
             {"module": unit.module, "model": unit.name, "weight": unit.weight, "resize_mode": unit.resize_mode,
@@ -102,6 +106,7 @@ def infotext(params: Mapping[str, Any]) -> str:
         ("Hires upscaler", hires.get("upscaler")),
         ("Hires sampler", hires.get("sampler")),
         ("Clip skip", params.get("clip_skip")),
+        ("TI hashes", params.get("ti_hashes")),
         *_controlnet_fields(params.get("controlnets") or []),
         ("Version", params.get("software")),
     ]

@@ -9,7 +9,7 @@ the few harmless objects that real Stable Diffusion checkpoints carry (numpy sca
 from __future__ import annotations
 
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +70,10 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {key: tuple(tensor.shape) for key, tensor in read_state_dict(path).items()}
 
 
-def _unpickle_weights(path: Path) -> Any:
+def _unpickle_weights(path: Path, inert: Sequence[str] = ()) -> Any:
+    """`inert`: further class names (module.Class) read into inert stubs that keep their plain state."""
     try:
-        with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
+        with torch.serialization.safe_globals([*_ALLOWED_GLOBALS, *((_InertObject, name) for name in inert)]):
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpoint(

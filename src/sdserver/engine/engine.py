@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from PIL import Image
 
@@ -24,6 +25,7 @@ from sdserver.engine import families
 from sdserver.engine.control import control_images
 from sdserver.engine.controlnets import ControlNetLibrary
 from sdserver.engine.device import device_memory, pick_device, pick_dtype
+from sdserver.engine.embeddings import listing, load_embeddings
 from sdserver.engine.families.base import upscaled_latents
 from sdserver.engine.loaders import LoadedPipelines
 from sdserver.engine.loras import LoraLibrary, applied
@@ -35,6 +37,7 @@ from sdserver.settings import Settings
 
 log = logging.getLogger(__name__)
 
+NOT_LOADED = "the model is not loaded; embeddings are matched to it as it loads"  # /sdapi/v1/embeddings
 # (steps done, total steps, previews): may raise to stop the run; previews() gives one small image per
 # output image of the batch, computed only if called.
 StepCallback = Callable[[int, int, Callable[[], list[Image.Image]]], None]
@@ -75,6 +78,7 @@ class Engine:
             max_memory_bytes=int(settings.max_memory_gb * 1e9) if settings.max_memory_gb is not None else None,
             models_dir=settings.models_dir,
             tuning=tuning,
+            embeddings_dir=settings.embeddings_dir,
         )
         return cls(
             registry,
@@ -228,6 +232,32 @@ class Engine:
         """sha256 (hex) of the model's denoiser weights, computed when it was first loaded (not per
         request); None for a model never loaded: asking never loads one."""
         return self.registry.weights_hash(name)
+
+    def embeddings(self, name: str | None) -> dict[str, dict[str, dict[str, Any]]]:
+        """A1111's /sdapi/v1/embeddings for model `name`: the embeddings registered with it and those skipped
+        (with a `reason`). Asking never loads a model: one not loaded lists every file as skipped."""
+        model = self.registry.loaded(name)
+        if model is not None:
+            return model.embeddings.a1111()
+        return listing(self.registry.embeddings_dir, NOT_LOADED).a1111()
+
+    def embedding_notes(self, request: GenerationRequest) -> list[str]:
+        """One line per skipped embedding the request's prompts name, saying why it was not used (other
+        words are just words); nothing for a model not loaded."""
+        model = self.registry.loaded(request.model)
+        return [] if model is None else model.embeddings.notes(request.prompt, request.negative_prompt)
+
+    def refresh_embeddings(self) -> None:
+        """Register the embeddings added to embeddings_dir since each loaded model loaded. Call it on the
+        worker thread (Scheduler.call): it grows the text encoders' token tables. Files removed or changed
+        meanwhile stay as they were registered until the model loads again."""
+        for name in self.registry.loaded_names():
+            model = self.registry.loaded(name) if name in self.registry.names() else None
+            if model is not None:
+                folder, offloaded = self.registry.embeddings_dir, model.offload != "none"
+                model.embeddings = load_embeddings(
+                    model.family, model.txt2img, folder, model.embeddings, offloaded=offloaded
+                )
 
 
 def check_options(model: LoadedPipelines, request: GenerationRequest) -> None:

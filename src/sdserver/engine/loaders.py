@@ -23,6 +23,7 @@ from diffusers import DiffusionPipeline
 from sdserver.core.errors import ModelLoadError, SDServerError, UnsupportedModel
 from sdserver.engine import families
 from sdserver.engine.architectures import Prediction
+from sdserver.engine.embeddings import EmbeddingSet, load_embeddings
 from sdserver.engine.families import Family
 from sdserver.engine.families.base import Description, FileOptions
 from sdserver.engine.flowfiles import read_flow_shapes
@@ -82,6 +83,8 @@ class LoadedPipelines:
     memory: MemoryModel | None = field(default=None, repr=False)  # None: no budget to keep (CPU, no limit)
     splitter: RowSplitter | None = field(default=None, repr=False)
     decoder: Decoder | None = field(default=None, repr=False)
+    # Textual-inversion embeddings registered with the shared text encoders, and those skipped (embeddings.py)
+    embeddings: EmbeddingSet = field(default_factory=EmbeddingSet, repr=False)
 
     @property
     def inpainting_unet(self) -> bool:
@@ -157,13 +160,15 @@ def load_pipelines(
     family_encoders: dict[str, str] | None = None,
     tuning: Tuning | None = None,
     pipe: Any = None,
+    embeddings_dir: str | None = None,
 ) -> LoadedPipelines:
     """Load `source` onto `device`; borrow `checker_from`'s safety checker if it has none of its own.
     `encoders` (or `family_encoders[family]`) lends an SD3/FLUX single file the parts it lacks.
     `tuning`: the speed switches and memory modes applied as it loads (engine/speed.py). `pipe`: a pipeline
-    already built in memory (bench/gpu.py's random-weight models), used instead of reading `source`."""
+    already built in memory (bench/gpu.py's random-weight models), used instead of reading `source`.
+    `embeddings_dir`: the textual-inversion embeddings to register with it (embeddings.py)."""
     if pipe is not None:
-        return _assemble(pipe, source, device, checker_from, prediction_type, tuning)
+        return _assemble(pipe, source, device, checker_from, prediction_type, tuning, embeddings_dir=embeddings_dir)
     location, form = resolve_source(source)
     options = FileOptions(prediction_type, encoders, dict(family_encoders or {}), token)
     try:
@@ -177,7 +182,7 @@ def load_pipelines(
     except Exception as exc:  # diffusers raises many kinds (OSError, ValueError, hub errors)
         raise ModelLoadError(_load_failure(source, form == "hub", exc)) from exc
     folder = Path(location) if form == "folder" else None
-    return _assemble(pipe, source, device, checker_from, prediction_type, tuning, folder)
+    return _assemble(pipe, source, device, checker_from, prediction_type, tuning, folder, embeddings_dir)
 
 
 def _assemble(
@@ -188,6 +193,7 @@ def _assemble(
     prediction_type: Prediction | None,
     tuning: Tuning | None,
     folder: Path | None = None,
+    embeddings_dir: str | None = None,
 ) -> LoadedPipelines:
     from sdserver.engine import speed
 
@@ -207,6 +213,7 @@ def _assemble(
     if checker is not None and checker_from is None:
         checker.model.to(placement)
     txt2img, img2img, inpaint = family.pipelines(pipe, placement)
+    embeddings = load_embeddings(family, txt2img, embeddings_dir)  # before offload hooks; the three share it
     steps, guidance = family.defaults(txt2img)
     loaded = LoadedPipelines(
         txt2img=txt2img,
@@ -221,6 +228,7 @@ def _assemble(
         default_steps=_default_steps(folder, steps),
         default_guidance=guidance,
         owns_checker=checker_from is None,
+        embeddings=embeddings,
     )
     speed.finish(loaded, device, tuning, offload, source)
     return loaded

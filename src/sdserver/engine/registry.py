@@ -165,6 +165,7 @@ class Registry:
         max_memory_bytes: int | None = None,
         models_dir: str | None = None,
         tuning: Tuning | None = None,
+        embeddings_dir: str | None = None,
     ):
         self._lock = threading.RLock()
         self._configured = list(specs)
@@ -184,6 +185,7 @@ class Registry:
         self.device, self.dtype, self._token = device, dtype, token
         self.tuning = tuning  # speed switches and memory modes applied to each model as it loads
         self._encoders = dict(encoders or {})  # per family: what SD3/FLUX single files may borrow
+        self.embeddings_dir = embeddings_dir  # textual-inversion embeddings, registered with each model as it loads
         self.refresh()
 
     @property
@@ -383,6 +385,7 @@ class Registry:
             tuning=self.tuning,
             encoders=spec.encoders,
             family_encoders=self._encoders,
+            embeddings_dir=self.embeddings_dir,
         )
         with self._lock:
             self.load_count += 1

@@ -129,6 +129,7 @@ class Session:
                 model=self.name,
                 model_hash=self._model_hash(self.name),
                 sampler=sampler,
+                embeddings=self.model.embeddings.used(state.request.prompt, state.request.negative_prompt),
             )
             metadata.attach(out.image, params)
 

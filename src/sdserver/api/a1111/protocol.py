@@ -293,8 +293,10 @@ def response(
     result: GenerationResult | None,
     model_hash: str | None,
     ignored_options: list[str] | None = None,
+    engine_notes: list[str] | None = None,
 ) -> ImagesOut:
-    """A1111's response: images, the request echoed as `parameters`, and `info` (a JSON string)."""
+    """A1111's response: images, the request echoed as `parameters`, and `info` (a JSON string).
+    `engine_notes`: what the engine did not use (e.g. embeddings for another architecture), for `info.notes`."""
     outs = result.images if result is not None else []
     params = [params_of(out.image) or {} for out in outs]
     first = params[0] if params else {}
@@ -334,7 +336,7 @@ def response(
         "version": f"sdserver {__version__}",
         "nsfw": [out.nsfw for out in outs],
         "interrupted": result is None,
-        "notes": notes(body, ignored_options),
+        "notes": notes(body, ignored_options) + list(engine_notes or []),
     }
     echoed = body.model_dump()
     echoed.update(steps=info["steps"], width=info["width"], height=info["height"])  # what was used

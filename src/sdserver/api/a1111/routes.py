@@ -7,6 +7,7 @@ requests only; only the admin key may change it. Progress and interrupt see the 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -94,7 +95,8 @@ async def _generate(request: Request, body: Txt2ImgBody, task: Task, engine: Eng
     unused = a1111_options.unhonoured(overrides)
 
     def render(generation: Any, result: Any) -> ImagesOut:
-        return response(body, generation, result, engine.model_hash(generation.model), unused)
+        model_hash, embedding_notes = engine.model_hash(generation.model), engine.embedding_notes(generation)
+        return response(body, generation, result, model_hash, unused, embedding_notes)
 
     build = lambda: generation_request(body, task, model, clip_skip, limits)  # noqa: E731
     # /interrupt and /skip: A1111 answers normally, here with no images
@@ -295,6 +297,19 @@ def _png_info(body: PngInfoBody) -> PngInfoOut:
 async def sdapi_png_info(body: PngInfoBody) -> PngInfoOut:
     """The generation parameters inside a PNG: `info` (the A1111 text), `parameters` (parsed)."""
     return await run_in_threadpool(_png_info, body)
+
+
+@sdapi.get("/embeddings")
+async def embeddings(engine: EngineDep, options: OptionsDep) -> dict[str, Any]:
+    """The textual-inversion embeddings (embeddings_dir) of the selected checkpoint: `loaded` ones a prompt
+    uses by name, and `skipped` ones (another architecture, unreadable), each with its `reason`."""
+    return await run_in_threadpool(engine.embeddings, options.model)
+
+
+@sdapi.post("/refresh-embeddings")
+async def refresh_embeddings(engine: EngineDep, scheduler: SchedulerDep) -> None:
+    """Register the files added to embeddings_dir with the loaded models (on the worker, between steps)."""
+    await asyncio.wrap_future(scheduler.call(engine.refresh_embeddings))
 
 
 router.include_router(sdapi)

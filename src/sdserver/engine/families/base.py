@@ -131,6 +131,9 @@ class Family:
     latent_channels: ClassVar[int] = 4
     samplers: ClassVar[dict[str, Any]]  # A1111 name -> SamplerSpec (engine/samplers.py)
     preview_factors: ClassVar[Sequence[Sequence[float]]]  # latent channel -> RGB, for cheap previews
+    # The text encoders (pipeline attributes) that take textual-inversion embeddings, in the order of an
+    # embedding file's parts (engine/embeddings.py); () for none.
+    embedding_encoders: ClassVar[tuple[str, ...]] = ()
 
     # -- what the model is ---------------------------------------------------------------------
     def kind_of(self, pipe: Any) -> str:

@@ -63,6 +63,7 @@ class StableDiffusion(Family):
     )
     samplers = SAMPLERS
     preview_factors = SD_LATENT_RGB
+    embedding_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
 
     # -- what the model is ---------------------------------------------------------------------
     def kind_of(self, pipe: Any) -> str:
@@ -110,11 +111,13 @@ class StableDiffusion(Family):
         pipe = model.txt2img
         cfg = request.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
         count = request.num_images
+        names = model.embeddings  # textual-inversion embeddings named in the prompts: their tokens
+        prompt, negative = names.rewrite(request.prompt), names.rewrite(request.negative_prompt or "")
         if request.clip_skip is not None and request.clip_skip > 1:
-            cond = _clip_skip_embeds(pipe, [request.prompt] * count, request.clip_skip - 1)
-            uncond = _clip_skip_embeds(pipe, [request.negative_prompt or ""] * count, request.clip_skip - 1)
+            cond = _clip_skip_embeds(pipe, [prompt] * count, request.clip_skip - 1)
+            uncond = _clip_skip_embeds(pipe, [negative] * count, request.clip_skip - 1)
         else:
-            cond, uncond = pipe.encode_prompt(request.prompt, model.device, count, cfg, request.negative_prompt)
+            cond, uncond = pipe.encode_prompt(prompt, model.device, count, cfg, negative or None)
         tensors = {"encoder_hidden_states": torch.cat([uncond, cond]) if cfg else cond}
         if pipe.unet.config.time_cond_proj_dim is not None:  # guidance-embedding (LCM-distilled) UNets
             scale = torch.tensor(request.guidance_scale - 1).repeat(count)
@@ -289,6 +292,7 @@ def _clip_skip_embeds(pipe: Any, texts: list[str], skip: int) -> torch.Tensor:
     """Prompt embeddings from the CLIP layer `skip` layers before the last (normalised, as diffusers does).
     diffusers' own clip_skip path needs `text_encoder.text_model`, which transformers 5 no longer has."""
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    texts = pipe.maybe_convert_prompt(texts, tokenizer)  # a multi-vector embedding's name: all its tokens
     tokens = tokenizer(
         texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     )

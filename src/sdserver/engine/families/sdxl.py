@@ -37,6 +37,7 @@ class StableDiffusionXL(StableDiffusion):
         "StableDiffusionXLInpaintPipeline",
     )
     preview_factors = SDXL_LATENT_RGB
+    embedding_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")  # clip_l, clip_g
 
     def kind_of(self, pipe: Any) -> str:
         return "sdxl"
@@ -46,12 +47,13 @@ class StableDiffusionXL(StableDiffusion):
         cfg = request.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
         count = request.num_images
         skip = request.clip_skip - 1 if request.clip_skip is not None and request.clip_skip > 1 else None
+        negative = model.embeddings.rewrite(request.negative_prompt or "") or None
         cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
-            prompt=request.prompt,
+            prompt=model.embeddings.rewrite(request.prompt),
             device=model.device,
             num_images_per_prompt=count,
             do_classifier_free_guidance=cfg,
-            negative_prompt=request.negative_prompt,
+            negative_prompt=negative,
             clip_skip=skip,
         )
         projection = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
