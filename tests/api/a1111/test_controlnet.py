@@ -22,6 +22,12 @@ from tests.support.controlnets import make_tiny_controlnet
 FAST: dict[str, Any] = {"prompt": "a red circle", "steps": STEPS, "width": SIZE, "height": SIZE, "seed": 5}
 
 
+def fresh() -> dict[str, Any]:
+    """FAST with a new `alwayson_scripts` for each webuiapi call: webuiapi puts the units into its mutable
+    default dict, which every later call of the process (other test modules too) would then send."""
+    return {**FAST, "alwayson_scripts": {}}
+
+
 def square() -> Image.Image:
     image = Image.new("RGB", (SIZE, SIZE), "black")
     ImageDraw.Draw(image).rectangle((16, 16, 48, 48), fill="white")
@@ -43,9 +49,9 @@ def unit(**fields: Any) -> webuiapi.ControlNetUnit:
 
 class TestThroughWebuiapi:
     def test_a_canny_unit_changes_the_image_and_weight_zero_does_not(self, live: Live) -> None:
-        plain = live.api.txt2img(**FAST).image
-        steered = live.api.txt2img(controlnet_units=[unit()], **FAST)
-        silent = live.api.txt2img(controlnet_units=[unit(weight=0.0)], **FAST).image
+        plain = live.api.txt2img(**fresh()).image
+        steered = live.api.txt2img(controlnet_units=[unit()], **fresh())
+        silent = live.api.txt2img(controlnet_units=[unit(weight=0.0)], **fresh()).image
         assert max_pixel_diff(plain, steered.image) > 2
         assert max_pixel_diff(plain, silent) <= 1
         info = info_of(steered)
@@ -53,15 +59,15 @@ class TestThroughWebuiapi:
         assert 'ControlNet 0: "Module: canny, Model: tiny-canny, Weight: 1' in info["infotexts"][0]
 
     def test_the_guidance_window_and_control_mode_matter(self, live: Live) -> None:
-        full = live.api.txt2img(controlnet_units=[unit()], **FAST).image
-        late = live.api.txt2img(controlnet_units=[unit(guidance_start=0.6)], **FAST).image
-        favoured = live.api.txt2img(controlnet_units=[unit(control_mode=2)], **FAST).image
+        full = live.api.txt2img(controlnet_units=[unit()], **fresh()).image
+        late = live.api.txt2img(controlnet_units=[unit(guidance_start=0.6)], **fresh()).image
+        favoured = live.api.txt2img(controlnet_units=[unit(control_mode=2)], **fresh()).image
         assert max_pixel_diff(full, late) > 0 and max_pixel_diff(full, favoured) > 0
 
     def test_img2img_uses_the_init_image_when_a_unit_has_none(self, live: Live) -> None:
         result = live.api.img2img(
             images=[square()], controlnet_units=[webuiapi.ControlNetUnit(module="canny", model="tiny-canny")],
-            denoising_strength=0.9, **FAST,
+            denoising_strength=0.9, **fresh(),
         )  # fmt: skip
         assert result.image.size == (SIZE, SIZE)
 
