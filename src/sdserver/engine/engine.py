@@ -37,6 +37,9 @@ from sdserver.settings import Settings
 
 log = logging.getLogger(__name__)
 
+LATENT_RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST,
+                     "nearest-exact": Image.Resampling.NEAREST}  # fmt: skip
+
 NOT_LOADED = "the model is not loaded; embeddings are matched to it as it loads"  # /sdapi/v1/embeddings
 # (steps done, total steps, previews): may raise to stop the run; previews() gives one small image per
 # output image of the batch, computed only if called.
@@ -138,9 +141,6 @@ class Engine:
         steps = hires.steps or request.steps
         if steps > self.limits.max_steps:
             raise InvalidRequest(f"hires: steps {steps} is over the limit of {self.limits.max_steps}", field="hires")
-        if int(steps * hires.strength) < 1:
-            reason = f"strength {hires.strength} x steps {steps} gives the second pass no denoising step"
-            raise InvalidRequest(f"hires: {reason}; raise its strength or steps", field="hires")
         if hires.latent is None:
             self.upscalers.check(hires.upscaler, field="hires")
         sampler = hires.sampler or request.sampler
@@ -154,6 +154,24 @@ class Engine:
             return hires_size((request.width, request.height), hires.scale, hires.width, hires.height, self.limits)
         except FieldError as exc:
             raise exc.invalid() from None
+
+    def upscaled(self, request: PreparedRequest, images: Sequence[GeneratedImage]) -> list[GeneratedImage]:
+        """A hires fix whose second pass has no denoising step (strength x steps < 1, as A1111's API tests
+        send): the first pass's images upscaled are the result (latent upscalers: resampled alike)."""
+        hires = request.hires
+        assert hires is not None
+        size = self._hires_size(request)
+        final = PreparedRequest.model_construct(
+            **{**dict(request), "width": size[0], "height": size[1], "strength": hires.strength, "first_pass": request}
+        )
+        with self.registry.use(request.model) as model:
+            session = Session(model, request.model, self.model_hash, self.controlnets)
+            if hires.latent is not None:
+                resample = LATENT_RESAMPLING.get(hires.latent[0], Image.Resampling.BILINEAR)
+                pictures = [image.image.resize(size, resample) for image in images]
+            else:
+                pictures = self.upscale([image.image for image in images], hires.upscaler, *size)
+            return session.final_images(final, pictures)
 
     def second_pass(self, request: PreparedRequest, images: Sequence[GeneratedImage]) -> PreparedRequest:
         """A hires fix's second pass: the first pass's latents or images upscaled to the hires size, as

@@ -101,7 +101,7 @@ class Session:
                     for row, out in enumerate(own):
                         out.latents = self.family.image_latents(self.model, state)[row : row + 1]
                 else:
-                    self._describe(state, own)
+                    self._describe(state.request, own)
                 results.append(own)
             return results
 
@@ -117,19 +117,30 @@ class Session:
             images[row], flags[row] = image, flagged
         return flags
 
-    def _describe(self, state: State, images: list[GeneratedImage]) -> None:
-        first = state.request.first_pass or state.request  # a hires fix is described by its first pass
+    def final_images(self, request: PreparedRequest, pictures: list[Image.Image]) -> list[GeneratedImage]:
+        """Images made with no denoising step (a hires fix at strength 0: the upscale is the result),
+        checked and described as any other."""
+        with failures(self.model.device), torch.no_grad():
+            flags = [False] * len(pictures)
+            if self.model.checker is not None:
+                pictures, flags = self.model.checker.check(pictures)
+            images = [GeneratedImage(p, seed, f) for p, seed, f in zip(pictures, request.seeds, flags, strict=True)]
+            self._describe(request, images)
+            return images
+
+    def _describe(self, request: PreparedRequest, images: list[GeneratedImage]) -> None:
+        first = request.first_pass or request  # a hires fix is described by its first pass
         sampler = first.sampler or self.family.default_sampler(self.model.txt2img.scheduler)
         for out in images:
             params = metadata.parameters_for(
-                state.request,
+                request,
                 seed=out.seed,
                 width=out.image.width,
                 height=out.image.height,
                 model=self.name,
                 model_hash=self._model_hash(self.name),
                 sampler=sampler,
-                embeddings=self.model.embeddings.used(state.request.prompt, state.request.negative_prompt),
+                embeddings=self.model.embeddings.used(request.prompt, request.negative_prompt),
             )
             metadata.attach(out.image, params)
 

@@ -51,6 +51,8 @@ class EngineLike(Protocol):
 
     def second_pass(self, request: Any, images: Sequence[GeneratedImage]) -> GenerationRequest: ...
 
+    def upscaled(self, request: Any, images: Sequence[GeneratedImage]) -> list[GeneratedImage]: ...
+
     def run(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[GeneratedImage]]: ...
 
     @property
@@ -495,10 +497,14 @@ class Scheduler:
     def _follow_up(self, job: Job, images: list[GeneratedImage]) -> bool:
         """A hires fix's first pass has run: the job goes on to its second pass, queued first (it was
         accepted long ago, so the queue's bound does not apply). True if it did (or failed trying)."""
-        if _second_pass_steps(job.request) == 0:
+        request = job.request
+        if not isinstance(request, PreparedRequest) or not request.needs_second_pass:
             return False
         try:
-            job.next_pass(self.engine.second_pass(job.request, images))
+            if _second_pass_steps(request) == 0:  # strength 0: the upscale is the result
+                job.succeed(GenerationResult(model=request.model, images=self.engine.upscaled(request, images)))
+                return True
+            job.next_pass(self.engine.second_pass(request, images))
         except SDServerError as exc:
             job.fail(exc)
             return True
@@ -536,7 +542,7 @@ class Scheduler:
 def _second_pass_steps(request: GenerationRequest) -> int:
     """The steps of a prepared request's second pass still to come (a hires fix's); 0 if none."""
     if isinstance(request, PreparedRequest) and request.needs_second_pass and request.hires is not None:
-        return max(1, request.hires.denoising_steps)
+        return request.hires.denoising_steps
     return 0
 
 

@@ -255,7 +255,7 @@ def _img2img_inputs(body: Img2ImgBody, limits: Limits) -> dict[str, Any]:
 def notes(body: Txt2ImgBody, ignored_options: list[str] | None = None) -> list[str]:
     """What the request asked for that sdserver did not do."""
     found = []
-    for name, value in [*body, *(body.model_extra or {}).items()]:
+    for name, value in body:  # a model's iteration includes its extra fields
         if _unsupported(name, value, type(body)):
             found.append(f"{name} is not supported and was ignored")
     for name in ignored_options or []:
@@ -275,11 +275,12 @@ def notes(body: Txt2ImgBody, ignored_options: list[str] | None = None) -> list[s
 
 
 _INERT_PREFIXES = ("hr_", "firstphase_")
+NEGATIVE_IS_OFF = frozenset({"seed_resize_from_h", "seed_resize_from_w"})  # A1111's default is -1
 
 
 def _unsupported(name: str, value: Any, body_type: type[Txt2ImgBody]) -> bool:
     """Did the client turn on something sdserver does not do?"""
-    if value in (None, False, 0, "", [], {}):
+    if value in (None, False, 0, "", [], {}) or (value == -1 and name in NEGATIVE_IS_OFF):
         return False
     if name in UNSUPPORTED:
         return bool(value != UNSUPPORTED[name])
