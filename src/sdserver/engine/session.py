@@ -139,7 +139,10 @@ def _snapshot(state: State) -> None:
 
 
 def _restored(image: Image.Image, request: GenerationRequest) -> Image.Image:
-    """Inpainting: pixels outside the (binarised) mask come back exactly as sent."""
+    """Inpainting: the result laid back onto the picture sent through the blurred mask (the crop of
+    inpaint_full_res scaled back to its box): outside the mask, the pixels come back exactly as sent."""
+    if isinstance(request, PreparedRequest) and request.paste is not None:  # PreparedRequest.framed()
+        return request.paste.apply(image)
     if request.task is not Task.INPAINT or request.init_image is None or request.mask_image is None:
         return image
     binary = request.mask_image.convert("L").point(lambda value: 255 if value >= 128 else 0)
