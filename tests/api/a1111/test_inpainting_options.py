@@ -95,7 +95,7 @@ def test_the_resize_modes_give_the_size_asked_for(client: TestClient) -> None:
     wide = Image.new("RGB", (2 * SIZE, SIZE), (30, 30, 200))
     wide.paste((30, 200, 30), (0, 0, SIZE // 2, SIZE))  # a green band on the left quarter
     wide.paste((200, 30, 30), (0, 24, 2 * SIZE, 40))  # and a red one across: filled, it is thinner
-    common = {"init_images": [png_b64(wide)], "width": SIZE, "height": SIZE, "denoising_strength": 0.5}
+    common: dict[str, Any] = {"init_images": [png_b64(wide)], "width": SIZE, "height": SIZE, "denoising_strength": 0.5}
     made = []
     for mode in (0, 1, 2, 3):
         out, info = img2img(client, **common, resize_mode=mode)
@@ -107,7 +107,12 @@ def test_the_resize_modes_give_the_size_asked_for(client: TestClient) -> None:
 
 
 def test_the_options_are_no_longer_noted(client: TestClient) -> None:
-    sent = {"resize_mode": 1, "inpainting_fill": 3, "inpaint_full_res": True, "inpaint_full_res_padding": 16}
+    sent: dict[str, Any] = {
+        "resize_mode": 1,
+        "inpainting_fill": 3,
+        "inpaint_full_res": True,
+        "inpaint_full_res_padding": 16,
+    }
     _, info = img2img(client, mask=png_b64(square_mask(SIZE, (8, 8, 24, 24))), mask_blur=8, **sent)
     assert not [note for note in info["notes"] if any(name in note for name in OPTIONS)], info["notes"]
 
