@@ -76,6 +76,14 @@ def test_inpaint_full_res_changes_only_the_box_and_returns_the_whole_picture(cli
     assert info["notes"] == [] and info["width"] == 2 * SIZE
 
 
+def test_a_flagged_image_has_the_whole_pictures_size(make_client: ClientFactory, tiny_flagging_model: Path) -> None:
+    flagging = make_client(model=str(tiny_flagging_model))
+    picture, mask = scene(2 * SIZE), square_mask(2 * SIZE, (56, 48, 72, 64))
+    fields = {"init_images": [png_b64(picture)], "mask": png_b64(mask), "width": SIZE, "height": SIZE}
+    out, info = img2img(flagging, "tiny-flagging", **fields, inpaint_full_res=True)
+    assert info["nsfw"] == [True] and out.size == picture.size and pixels(out).max() == 0
+
+
 def test_each_inpainting_fill_runs_and_latent_noise_is_not_original(client: TestClient) -> None:
     mask = png_b64(square_mask(SIZE, (16, 16, 48, 48)))
     made = {}
