@@ -29,6 +29,17 @@ from sdserver.core.control import MAX_UNITS, ControlUnit
 from sdserver.core.errors import FieldError, InvalidRequest
 from sdserver.core.fields import ImageField, limits_of
 from sdserver.core.images import decode_field, fit
+from sdserver.core.inpainting import (
+    InpaintFill,
+    PasteBack,
+    ResizeMode,
+    blurred_mask,
+    crop_for_full_res,
+    crop_region,
+    doubled,
+    fill_masked,
+    resized,
+)
 from sdserver.core.limits import Limits
 from sdserver.core.sizing import output_size
 
@@ -173,6 +184,13 @@ class GenerationRequest(BaseModel):
     loras: LoraField = ()  # also read from <lora:name:weight> tags in the prompt
     hires: HiresFix | None = None  # txt2img: a second, upscaled pass (A1111's hires fix)
     controlnets: tuple[ControlUnit, ...] = Field(default=(), max_length=MAX_UNITS)  # from controlnet_dir
+    # Inpainting and img2img options, AUTOMATIC1111's (core/inpainting.py); the inpaint_* and mask_blur
+    # apply to inpaint only, resize_mode to an init image of another aspect than the size generated.
+    mask_blur: int = Field(default=0, ge=0, le=64)  # px of Gaussian blur softening the mask's edge
+    inpaint_fill: InpaintFill = "original"  # what the masked area starts from
+    inpaint_full_res: bool = False  # "only masked": the mask's box, worked at the full size, pasted back
+    inpaint_padding: int = Field(default=32, ge=0, le=256)  # px around the mask's box (inpaint_full_res)
+    resize_mode: ResizeMode = "just_resize"
 
     @model_validator(mode="before")
     @classmethod
@@ -222,6 +240,7 @@ class GenerationRequest(BaseModel):
         problem = strength_problem(self.task, self.steps, self.strength)
         if problem is not None:
             raise FieldError("strength", self.strength, problem)
+        _check_canvas(self, limits)
         for name in ("init_image", "mask_image"):  # every check passed: now the pixels
             if (image := getattr(self, name)) is not None:
                 self.__dict__[name] = decode_field(image, name)  # frozen to clients, not to its own validator
@@ -237,12 +256,15 @@ class GenerationRequest(BaseModel):
             raise exc.invalid() from None
         assert size is not None  # an init image or the native size gives one
         init, mask = self.init_image, self.mask_image
+        if _full_res(self) and init is not None and mask is not None:  # the crop is sized in framed()
+            update = {"width": size[0], "height": size[1], "mask_image": fit(mask, init.size, mask=True)}
+            return self.model_copy(update=update)
         return self.model_copy(
             update={
                 "width": size[0],
                 "height": size[1],
-                "init_image": None if init is None else fit(init, size),
-                "mask_image": None if mask is None else fit(mask, size, mask=True),
+                "init_image": None if init is None else resized(init, self.resize_mode, size),
+                "mask_image": None if mask is None else resized(mask.convert("L"), self.resize_mode, size),
             }
         )
 
@@ -273,10 +295,47 @@ class PreparedRequest(GenerationRequest):
     first_pass: GenerationRequest | None = None
     init_tensor: Any = None
     control_images: tuple[Image.Image, ...] = ()  # each ControlNet unit's preprocessed image (Engine.prepare)
+    paste: PasteBack | None = None  # inpainting: how the result goes back onto the picture sent (framed)
 
     @property
     def needs_second_pass(self) -> bool:
         return self.hires is not None and self.first_pass is None
+
+    def framed(self) -> PreparedRequest:
+        """Inpainting's image work, done once for every family: the mask binarised and blurred
+        (mask_blur), the crop of inpaint_full_res, the fill, and how the result is pasted back (A1111's
+        overlay: twice the blurred mask for the whole picture, the blurred mask itself for a crop)."""
+        init, mask = self.init_image, self.mask_image
+        if self.task is not Task.INPAINT or init is None or mask is None:
+            return self
+        soft = blurred_mask(mask, self.mask_blur)
+        work, work_mask, box, overlay = init, soft, None, doubled(soft)
+        if _full_res(self):
+            size = (self.width, self.height)
+            box = crop_region(soft, self.inpaint_padding, size) or (0, 0, *init.size)  # blank: the whole
+            work, work_mask = crop_for_full_res(init, soft, box, size)
+            overlay = soft
+        if self.inpaint_fill != "original":  # A1111 fills for its latent fills too
+            work = fill_masked(work, work_mask)
+        paste = PasteBack(init, overlay, box)
+        return self.model_copy(update={"init_image": work, "mask_image": work_mask, "paste": paste})
+
+
+def _full_res(request: GenerationRequest) -> bool:
+    return request.task is Task.INPAINT and request.inpaint_full_res and request.mask_image is not None
+
+
+def _check_canvas(request: GenerationRequest, limits: Limits) -> None:
+    """inpaint_full_res returns the init image at its own size: that size is an output too."""
+    if not _full_res(request) or request.init_image is None:
+        return
+    width, height = request.init_image.size
+    if max(width, height) > limits.max_side or width * height > limits.max_pixels:
+        reason = (
+            f"is {width}x{height}; with inpaint_full_res the result has the init image's size, over the limit "
+            f"of {limits.max_side} per side and {limits.max_pixels} pixels"
+        )
+        raise FieldError("init_image", None, reason)
 
 
 def strength_problem(task: Task, steps: int | None, strength: float) -> str | None:

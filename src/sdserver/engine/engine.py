@@ -26,7 +26,7 @@ from sdserver.engine.control import control_images
 from sdserver.engine.controlnets import ControlNetLibrary
 from sdserver.engine.device import device_memory, pick_device, pick_dtype
 from sdserver.engine.embeddings import listing, load_embeddings
-from sdserver.engine.families.base import upscaled_latents
+from sdserver.engine.families.base import LATENT_FILLS, upscaled_latents
 from sdserver.engine.loaders import LoadedPipelines
 from sdserver.engine.loras import LoraLibrary, applied
 from sdserver.engine.registry import ModelSpec, Registry, specs_from_settings
@@ -127,7 +127,7 @@ class Engine:
         guidance = model.default_guidance if request.guidance_scale is None else request.guidance_scale
         native = None if request.init_image is not None else model.native_size
         filled = request.model_copy(update={"model": spec.name, "steps": steps, "guidance_scale": guidance})
-        prepared = PreparedRequest.model_construct(**dict(filled.sized(self.limits, native)))
+        prepared = PreparedRequest.model_construct(**dict(filled.sized(self.limits, native))).framed()
         if prepared.controlnets:
             maps = control_images(self.controlnets, prepared, model.family.name, model.description.kind)
             prepared = prepared.model_copy(update={"control_images": maps})
@@ -298,6 +298,10 @@ def check_options(model: LoadedPipelines, request: GenerationRequest) -> None:
         if request.clip_skip > layers:
             reason = f"must be at most {layers} (the CLIP layers of model {request.model or 'the base model'!r})"
             raise InvalidRequest(f"clip_skip: {reason}, got {request.clip_skip}", field="clip_skip")
+    fill = request.inpaint_fill
+    if request.task is Task.INPAINT and fill in LATENT_FILLS and not family.latent_fills(model.inpainting_unet):
+        reason = f"{fill!r} does not apply to {kind} inpainting models; use 'original' or 'fill'"
+        raise InvalidRequest(f"inpaint_fill: {reason}", field="inpaint_fill")
 
 
 __all__ = ["Cancelled", "Engine"]

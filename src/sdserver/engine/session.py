@@ -93,7 +93,7 @@ class Session:
             results, offset = [], 0
             for state in states:
                 own = [
-                    GeneratedImage(image=image if flagged else _restored(image, state.request), seed=seed, nsfw=flagged)
+                    GeneratedImage(image=_restored(image, state.request, flagged), seed=seed, nsfw=flagged)
                     for image, flagged, seed in zip(images[offset:], flags[offset:], state.request.seeds, strict=False)
                 ]
                 offset += state.rows
@@ -173,8 +173,15 @@ def _snapshot(state: State) -> None:
     state.extra["preview_event"] = event
 
 
-def _restored(image: Image.Image, request: GenerationRequest) -> Image.Image:
-    """Inpainting: pixels outside the (binarised) mask come back exactly as sent."""
+def _restored(image: Image.Image, request: GenerationRequest, flagged: bool = False) -> Image.Image:
+    """Inpainting: the result laid back onto the picture sent through the blurred mask (the crop of
+    inpaint_full_res scaled back to its box): outside the mask, the pixels come back exactly as sent.
+    A flagged image stays blacked out, at the size of the picture it would have been."""
+    paste = request.paste if isinstance(request, PreparedRequest) else None  # PreparedRequest.framed()
+    if flagged:
+        return image if paste is None else Image.new(image.mode, paste.canvas.size)
+    if paste is not None:
+        return paste.apply(image)
     if request.task is not Task.INPAINT or request.init_image is None or request.mask_image is None:
         return image
     binary = request.mask_image.convert("L").point(lambda value: 255 if value >= 128 else 0)

@@ -173,7 +173,8 @@ class TestImg2Img:
             **FAST,
         )
         edited = pixels(result.image)
-        assert np.array_equal(edited[: SIZE // 2 - 4], pixels(original)[: SIZE // 2 - 4]), "inverted: top kept"
+        kept = SIZE // 2 - 6  # a 2 px blur reaches 5 px past the mask's edge (A1111's kernel too)
+        assert np.array_equal(edited[:kept], pixels(original)[:kept]), "inverted: top kept"
         assert np.abs(edited[SIZE // 2 + 4 :] - pixels(original)[SIZE // 2 + 4 :]).max() > 10
 
     def test_img2img_resizes_to_width_and_height(self, live: Live) -> None:

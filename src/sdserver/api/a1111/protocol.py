@@ -5,10 +5,11 @@ call), steps, cfg_scale, width, height, sampler_name (or sampler_index) with sch
 uniform, karras), eta, denoising_strength, init_images, mask, mask_blur, inpainting_mask_invert,
 send_images, save_images (into the server's history), override_settings (sd_model_checkpoint,
 CLIP_stop_at_last_layers), the hires fix (enable_hr, hr_scale, hr_resize_x/y, hr_upscaler,
-hr_second_pass_steps, hr_sampler_name, hr_prompt, hr_negative_prompt, denoising_strength). Accepted and
-ignored, each noted in `info.notes` when set: subseed/subseed_strength, styles, restore_faces, tiling,
-scripts, resize_mode (always "just resize"), inpainting_fill, inpaint_full_res, hr_checkpoint_name, any
-other field.
+hr_second_pass_steps, hr_sampler_name, hr_prompt, hr_negative_prompt, denoising_strength), inpainting_fill,
+inpaint_full_res (+ inpaint_full_res_padding), resize_mode (3, latent upscale, resizes the image instead),
+ControlNet units (alwayson_scripts.controlnet). Accepted and ignored, each noted in `info.notes` when set:
+subseed/subseed_strength, styles, restore_faces, tiling, scripts and other alwayson_scripts,
+hr_checkpoint_name, any other field.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import json
 import time
 from typing import Any
 
-from PIL import ImageFilter, ImageOps
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdserver import __version__
-from sdserver.api.adapter import fitted_images, random_seed
+from sdserver.api.adapter import random_seed
 from sdserver.core.control import units_from_alwayson_scripts
-from sdserver.core.errors import InvalidRequest, NotFound
+from sdserver.core.errors import FieldError, InvalidRequest, NotFound
+from sdserver.core.images import decode_field, open_field
+from sdserver.core.sizing import output_size
 from sdserver.core.types import (
     SAMPLER_ALIASES,
     SAMPLER_NAMES,
@@ -123,7 +126,10 @@ class Img2ImgBody(Txt2ImgBody):
     mask_blur: int = Field(default=4, ge=0, le=64)
     inpainting_mask_invert: int = Field(default=0, ge=0, le=1)
     denoising_strength: float | None = 0.75
-    resize_mode: int = 0
+    resize_mode: int = Field(default=0, description="0 just resize, 1 crop and resize, 2 resize and fill, 3 as 0")
+    inpainting_fill: int = Field(default=0, description="Masked content: 0 fill, 1 original, 2 latent noise, 3 nothing")
+    inpaint_full_res: bool = Field(default=True, description="Only masked: the mask's box at full size, pasted back")
+    inpaint_full_res_padding: int = Field(default=0, ge=0, le=256, description="Px around the box (only masked)")
     include_init_images: bool = False
 
 
@@ -168,15 +174,13 @@ def sampler_of(body: Txt2ImgBody) -> str | None:
 UNSUPPORTED: dict[str, Any] = {
     "restore_faces": False, "tiling": False, "styles": None, "subseed_strength": 0.0,
     "script_name": None, "seed_resize_from_h": 0, "seed_resize_from_w": 0,
-    "s_churn": 0, "s_tmin": 0, "s_tmax": 0, "s_noise": 1, "resize_mode": 0, "inpainting_fill": 0,
-    "inpaint_full_res": False, "refiner_checkpoint": None, "image_cfg_scale": None,
+    "s_churn": 0, "s_tmin": 0, "s_tmax": 0, "s_noise": 1, "refiner_checkpoint": None, "image_cfg_scale": None,
 }  # fmt: skip
 INERT = frozenset(
     {
         "subseed", "script_args", "denoising_strength", "do_not_save_samples", "do_not_save_grid", "comments",
         "disable_extra_networks", "force_task_id", "infotext", "s_min_uncond", "refiner_switch_at",
-        "initial_noise_multiplier", "latent_mask", "alwayson_scripts", "inpaint_full_res_padding", "mask_round",
-        "firstpass_image",
+        "initial_noise_multiplier", "latent_mask", "alwayson_scripts", "mask_round", "firstpass_image",
         "sampler_index", "include_init_images", "override_settings_restore_afterwards",
     }
 )  # fmt: skip
@@ -234,22 +238,52 @@ def _hires(body: Txt2ImgBody) -> dict[str, Any]:
     return hires
 
 
+# A1111's numbers for resize_mode and inpainting_fill, as the core's names
+RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill", "latent_upscale")
+INPAINTING_FILLS = ("fill", "original", "latent_noise", "latent_nothing")
+
+
 def _img2img_inputs(body: Img2ImgBody, limits: Limits) -> dict[str, Any]:
-    """init image and mask at width x height (the shared decoder: every limit checked before a pixel
-    is decoded), the mask inverted and blurred there as A1111 does."""
+    """The init image and mask as sent: the core resizes them (resize_mode), blurs the mask (mask_blur),
+    crops (inpaint_full_res) and fills (inpainting_fill) as A1111 does. Only the inversion is done here,
+    once every size is checked (the headers first, as everywhere)."""
     if not body.init_images:
         raise InvalidRequest("init_images: at least one image is required", field="init_images")
-    init, mask = fitted_images(body.init_images[0], body.mask or None, body.width, body.height, limits, NAMES)
-    inputs: dict[str, Any] = {"init_image": init}
+    inputs: dict[str, Any] = {
+        "init_image": body.init_images[0],
+        "resize_mode": _numbered("resize_mode", body.resize_mode, RESIZE_MODES),
+    }
     if body.denoising_strength is not None:
         inputs["strength"] = body.denoising_strength
-    if mask is not None:
-        if body.inpainting_mask_invert:
-            mask = ImageOps.invert(mask)
-        if body.mask_blur:
-            mask = mask.filter(ImageFilter.GaussianBlur(body.mask_blur))
-        inputs.update(mask_image=mask, task=Task.INPAINT)
+    if body.mask:
+        inputs.update(
+            task=Task.INPAINT,
+            mask_image=_inverted(body, limits) if body.inpainting_mask_invert else body.mask,
+            mask_blur=body.mask_blur,
+            inpaint_fill=_numbered("inpainting_fill", body.inpainting_fill, INPAINTING_FILLS),
+            inpaint_full_res=body.inpaint_full_res,
+            inpaint_padding=body.inpaint_full_res_padding,
+        )
     return inputs
+
+
+def _numbered(field: str, value: int, names: tuple[str, ...]) -> str:
+    if not 0 <= value < len(names):
+        valid = ", ".join(f"{number} ({name})" for number, name in enumerate(names))
+        raise InvalidRequest(f"{field}: must be one of {valid}, got {value}", field=field)
+    return names[value]
+
+
+def _inverted(body: Img2ImgBody, limits: Limits) -> Image.Image:
+    """The mask with black and white swapped (inpainting_mask_invert), decoded at its own size."""
+    assert body.init_images and body.mask
+    try:
+        init = open_field(body.init_images[0], "init_image", limits.max_input_pixels)
+        mask = open_field(body.mask, "mask_image", limits.max_input_pixels)
+        output_size(body.width, body.height, init.size, limits)
+        return ImageOps.invert(decode_field(mask, "mask_image").convert("L"))
+    except FieldError as exc:
+        raise exc.invalid(NAMES) from None
 
 
 def notes(body: Txt2ImgBody, ignored_options: list[str] | None = None) -> list[str]:

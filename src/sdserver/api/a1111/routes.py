@@ -112,7 +112,9 @@ async def txt2img(body: Txt2ImgBody, request: Request, engine: EngineDep, option
 @sdapi.post("/img2img", response_model=ImagesOut)
 async def img2img(body: Img2ImgBody, request: Request, engine: EngineDep, options: OptionsDep) -> ImagesOut:
     """Image to image (`init_images`, `denoising_strength`), inpainting with a `mask` (white = repaint,
-    or black with `inpainting_mask_invert` 1; softened by `mask_blur` px). The output has `width` x `height`."""
+    or black with `inpainting_mask_invert` 1; softened by `mask_blur` px). The output has `width` x `height`
+    (`resize_mode` says how a picture of another aspect gets there), except with `inpaint_full_res` (A1111's
+    default): the mask's box is worked at `width` x `height` and pasted back onto the picture at its own size."""
     return await _generate(request, body, Task.IMG2IMG, engine, options)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from sdserver.core.types import PreparedRequest, Task
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 Shapes = Mapping[str, tuple[int, ...]]
 
 Guidance = Literal["cfg", "distilled"]
+LATENT_FILLS = ("latent_noise", "latent_nothing")  # inpaint_fill values acting on the init image's latents
 NO_CHECKER = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
@@ -215,6 +217,10 @@ class Family:
         """One denoiser call over the stacked rows of `states`; returns the prediction per row."""
         raise NotImplementedError
 
+    def latent_fills(self, inpainting_model: bool) -> bool:
+        """Whether inpaint_fill's latent_noise and latent_nothing apply (the engine refuses them if not)."""
+        return True
+
     def after_step(self, model: LoadedPipelines, state: State) -> None:
         """After the scheduler step (e.g. blend the known latents back in for inpainting)."""
 
@@ -335,3 +341,22 @@ def keep_unmasked(state: State, *, flow: bool) -> None:
         known = scheduler.scale_noise(known, upcoming, noise) if flow else scheduler.add_noise(known, noise, upcoming)
     mask = state.extra["mask"]
     state.latents = (1 - mask) * known + mask * state.latents
+
+
+def latent_fill(request: PreparedRequest, strength: float) -> bool:
+    """Does this start change the init image's latents inside the mask (A1111's latent fills)? Not at
+    strength 1, where the start is pure noise anyway."""
+    return request.task is Task.INPAINT and request.inpaint_fill in LATENT_FILLS and strength < 1.0
+
+
+def filled_latents(
+    request: PreparedRequest, known: torch.Tensor, mask: torch.Tensor, gens: list[torch.Generator]
+) -> torch.Tensor:
+    """The init image's latents with, inside the mask, random noise (latent_noise) or zeros
+    (latent_nothing) in their place: the start's noise is then added to these, as A1111 does."""
+    if request.inpaint_fill == "latent_noise":
+        noise = randn_tensor(tuple(known.shape), generator=gens, device=known.device, dtype=known.dtype)
+        return known * (1 - mask) + noise * mask
+    if request.inpaint_fill == "latent_nothing":
+        return known * (1 - mask)
+    return known

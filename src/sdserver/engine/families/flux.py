@@ -26,8 +26,10 @@ from sdserver.engine.families.base import (
     Options,
     State,
     bound,
+    filled_latents,
     generators,
     init_pixels,
+    latent_fill,
     latent_rgb,
     stacked,
     step_kwargs,
@@ -64,6 +66,9 @@ class Flux(FlowFamily):
 
     def is_inpainting(self, pipe: Any) -> bool:
         return int(pipe.transformer.config.in_channels) > int(pipe.vae.config.latent_channels) * 4
+
+    def latent_fills(self, inpainting_model: bool) -> bool:
+        return not inpainting_model  # FLUX.1 Fill starts from its own latents (diffusers gives no hook)
 
     def defaults(self, pipe: Any) -> tuple[int, float]:
         if not pipe.transformer.config.guidance_embeds:  # schnell: 4 steps, no guidance
@@ -171,6 +176,9 @@ class Flux(FlowFamily):
             condition, image * (condition < 0.5), 1, channels, count, height, width, dtype, model.device,
             state.generators,
         )  # fmt: skip
+        if latent_fill(request, strength(request)):  # inpaint_fill latent_noise / latent_nothing
+            start = filled_latents(request, known, mask, state.generators)
+            state.latents = state.scheduler.scale_noise(start, state.timesteps[:1].repeat(count), noise)
         state.extra.update(mask=mask, noise=noise, image_latents=known)
 
     def _start_fill(self, model: LoadedPipelines, state: State, dtype: torch.dtype) -> None:

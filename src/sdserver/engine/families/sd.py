@@ -36,9 +36,11 @@ from sdserver.engine.families.base import (
     Shapes,
     State,
     bound,
+    filled_latents,
     generators,
     init_pixels,
     keep_unmasked,
+    latent_fill,
     stacked,
     step_kwargs,
 )
@@ -172,16 +174,20 @@ class StableDiffusion(Family):
                 num_inference_steps=request.steps, strength=strength, device=model.device
             )
             blend = not model.inpainting_unet  # a regular model: blend the known latents back in each step
+            fill = latent_fill(request, strength)
             outputs = pipe.prepare_latents(
                 count, pipe.vae.config.latent_channels, height, width, dtype, model.device, state.generators,
                 image=image, timestep=state.timesteps[:1].repeat(count), is_strength_max=strength == 1.0,
-                return_noise=True, return_image_latents=blend,
+                return_noise=True, return_image_latents=blend or fill,
             )  # fmt: skip
             condition = pipe.mask_processor.preprocess(mask, height=height, width=width)
             masks, masked = pipe.prepare_mask_latents(
                 condition, image * (condition < 0.5), count, height, width, dtype, model.device, state.generators, False
             )
         state.latents = outputs[0]
+        if fill:  # inpaint_fill latent_noise / latent_nothing: noised from the filled latents instead
+            start = filled_latents(request, outputs[2], masks, state.generators)
+            state.latents = state.scheduler.add_noise(start, outputs[1], state.timesteps[:1].repeat(count))
         state.extra.update(mask=masks, masked_latents=masked, noise=outputs[1])
         if blend:
             state.extra["image_latents"] = outputs[2]

@@ -21,7 +21,9 @@ from sdserver.engine.families.base import (
     Options,
     State,
     bound,
+    filled_latents,
     generators,
+    latent_fill,
     stacked,
     step_kwargs,
 )
@@ -142,11 +144,11 @@ class StableDiffusion3(FlowFamily):
         image = pipe.image_processor.preprocess(init, height=height, width=width).to(dtype=torch.float32)
         with bound(pipe, state.scheduler):
             self._timesteps(pipe, state, cut=True)
-            blend = not model.inpainting_unet
+            blend, fill = not model.inpainting_unet, latent_fill(request, strength)
             outputs = pipe.prepare_latents(
                 count, pipe.vae.config.latent_channels, height, width, dtype, model.device, state.generators,
                 image=image, timestep=state.timesteps[:1].repeat(count), is_strength_max=strength == 1.0,
-                return_noise=True, return_image_latents=blend,
+                return_noise=True, return_image_latents=blend or fill,
             )  # fmt: skip
             condition = pipe.mask_processor.preprocess(mask, height=height, width=width)
             masks, masked = pipe.prepare_mask_latents(
@@ -154,6 +156,9 @@ class StableDiffusion3(FlowFamily):
                 state.generators, False,
             )  # fmt: skip
         state.latents = outputs[0]
+        if fill:  # inpaint_fill latent_noise / latent_nothing: noised from the filled latents instead
+            start = filled_latents(request, outputs[2], masks, state.generators)
+            state.latents = state.scheduler.scale_noise(start, state.timesteps[:1].repeat(count), outputs[1])
         state.extra.update(mask=masks, masked_latents=masked, noise=outputs[1])
         if blend:
             state.extra["image_latents"] = outputs[2]
