@@ -3,6 +3,7 @@ the A1111 API (the official `webuiapi` client) and the jobs API, on a tiny real 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,13 @@ class TestThroughWebuiapi:
         alone = live.api.txt2img(prompt="a red circle", **hires, **{**FAST, "seed": FAST["seed"] + 1}).image
         assert max_pixel_diff(batch[0], batch[1]) > 0
         assert max_pixel_diff(batch[1], alone) <= 1
+
+    def test_a_second_model_or_scheduler_is_named_not_silently_dropped(self, live: Live) -> None:
+        body = {"prompt": "a red circle", "enable_hr": True, "hr_checkpoint_name": "other.safetensors",
+                "hr_scheduler": "Karras", "hr_additional_modules": ["Use same choices"], **FAST}  # fmt: skip
+        response = httpx.post(f"{live.url}/sdapi/v1/txt2img", json=body, timeout=60)
+        notes = json.loads(response.json()["info"])["notes"]
+        assert [note.split()[0] for note in notes] == ["hr_checkpoint_name", "hr_scheduler"]
 
     def test_an_unknown_upscaler_is_refused_by_name(self, live: Live) -> None:
         body = {"prompt": "a red circle", "enable_hr": True, "hr_upscaler": "Nope-ESRGAN", **FAST}

@@ -173,13 +173,13 @@ def sampler_of(body: Txt2ImgBody) -> str | None:
 # this API does not know is noted.
 UNSUPPORTED: dict[str, Any] = {
     "restore_faces": False, "tiling": False, "styles": None, "subseed_strength": 0.0,
-    "script_name": None, "seed_resize_from_h": 0, "seed_resize_from_w": 0,
+    "script_name": None, "s_min_uncond": 0, "seed_resize_from_h": 0, "seed_resize_from_w": 0,
     "s_churn": 0, "s_tmin": 0, "s_tmax": 0, "s_noise": 1, "refiner_checkpoint": None, "image_cfg_scale": None,
 }  # fmt: skip
 INERT = frozenset(
     {
         "subseed", "script_args", "denoising_strength", "do_not_save_samples", "do_not_save_grid", "comments",
-        "disable_extra_networks", "force_task_id", "infotext", "s_min_uncond", "refiner_switch_at",
+        "disable_extra_networks", "force_task_id", "infotext", "refiner_switch_at", "mask_blur_x", "mask_blur_y",
         "initial_noise_multiplier", "latent_mask", "alwayson_scripts", "mask_round", "firstpass_image",
         "sampler_index", "include_init_images", "override_settings_restore_afterwards",
     }
@@ -300,15 +300,21 @@ def notes(body: Txt2ImgBody, ignored_options: list[str] | None = None) -> list[s
     for script, args in scripts.items() if isinstance(scripts, dict) else ():
         if str(script).strip().lower() != "controlnet" and args:
             found.append(f"alwayson_scripts.{script} is not supported and was ignored (only ControlNet is)")
-    second_model = (body.model_extra or {}).get("hr_checkpoint_name")
-    if body.enable_hr and second_model not in (None, "", "Use same checkpoint"):
-        found.append("hr_checkpoint_name is not supported: the second pass used the first pass's model")
+    for name, same in HIRES_SAME.items():
+        value = (body.model_extra or {}).get(name)
+        if body.enable_hr and value not in (None, "", [], same, [same]):
+            found.append(f"{name} is not supported: the second pass used the first pass's")
     if isinstance(body, Img2ImgBody) and body.init_images and len(body.init_images) > 1:
         found.append("only the first of init_images was used")
     return found
 
 
 _INERT_PREFIXES = ("hr_", "firstphase_")
+# The hires fix's "another model/scheduler/module for the second pass", by A1111's value for "the same".
+HIRES_SAME = {
+    "hr_checkpoint_name": "Use same checkpoint", "hr_scheduler": "Use same scheduler",
+    "hr_additional_modules": "Use same choices",
+}  # fmt: skip
 NEGATIVE_IS_OFF = frozenset({"seed_resize_from_h", "seed_resize_from_w"})  # A1111's default is -1
 
 
