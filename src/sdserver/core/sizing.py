@@ -85,7 +85,7 @@ def _round(side: float) -> int:
 
 
 def hires_size(
-    first: tuple[int, int], scale: float, width: int | None, height: int | None, limits: Limits
+    first: tuple[int, int], scale: float, width: int | None, height: int | None, limits: Limits, field: str = "hires"
 ) -> tuple[int, int]:
     """A hires fix's second-pass size: `width` x `height` as sent (A1111's hr_resize_x/y; one of them:
     the other keeps the first pass's aspect), else `scale` x the first pass's size; in multiples of 8.
@@ -99,5 +99,5 @@ def hires_size(
         size = (_round(first_width * height / first_height), _round(height))
     else:
         size = (_round(first_width * scale), _round(first_height * scale))
-    _check_derived("hires", f"the second pass would be {size[0]}x{size[1]}", size, limits)
+    _check_derived(field, f"the result would be {size[0]}x{size[1]}", size, limits)
     return size

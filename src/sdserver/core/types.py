@@ -41,7 +41,7 @@ from sdserver.core.inpainting import (
     resized,
 )
 from sdserver.core.limits import Limits
-from sdserver.core.sizing import output_size
+from sdserver.core.sizing import hires_size, output_size
 
 MAX_SEED = 2**63 - 1
 
@@ -74,6 +74,7 @@ class Task(StrEnum):
     TXT2IMG = "txt2img"
     IMG2IMG = "img2img"
     INPAINT = "inpaint"
+    UPSCALE = "upscale"  # no denoising: init_image through an upscaler (engine/upscalers.py)
 
 
 # AUTOMATIC1111's prompt syntax for LoRAs, which users type into every client: <lora:name:weight>
@@ -167,7 +168,7 @@ class GenerationRequest(BaseModel):
 
     task: Task = Task.TXT2IMG
     model: str | None = None  # registry name; None is the base model
-    prompt: str = Field(min_length=1)
+    prompt: str = ""  # required, but for an upscale
     negative_prompt: str | None = None
     num_images: int = Field(default=1, ge=1)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)  # None: pick a random one
@@ -183,6 +184,8 @@ class GenerationRequest(BaseModel):
     clip_skip: int | None = Field(default=None, ge=1, le=12)  # A1111's: 1 = last CLIP layer, 2 = penultimate
     loras: LoraField = ()  # also read from <lora:name:weight> tags in the prompt
     hires: HiresFix | None = None  # txt2img: a second, upscaled pass (A1111's hires fix)
+    upscaler: str | None = Field(default=None, max_length=200)  # task upscale: a name of /sdapi/v1/upscalers
+    upscale_by: float = Field(default=2.0, ge=1.0, le=8.0, allow_inf_nan=False)  # task upscale, unless width/height
     controlnets: tuple[ControlUnit, ...] = Field(default=(), max_length=MAX_UNITS)  # from controlnet_dir
     # Inpainting and img2img options, AUTOMATIC1111's (core/inpainting.py); the inpaint_* and mask_blur
     # apply to inpaint only, resize_mode to an init image of another aspect than the size generated.
@@ -231,7 +234,8 @@ class GenerationRequest(BaseModel):
             raise FieldError("loras", names, "name each LoRA once")
         if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
             raise FieldError("seed", self.seed, f"+ {self.num_images - 1} (one seed per image) is over {MAX_SEED}")
-        if self.task in (Task.IMG2IMG, Task.INPAINT) and self.init_image is None:
+        _check_task(self, limits)
+        if self.task in (Task.IMG2IMG, Task.INPAINT, Task.UPSCALE) and self.init_image is None:
             raise FieldError("init_image", None, f"is required for {self.task.value}")
         if self.task is Task.INPAINT and self.mask_image is None:
             raise FieldError("mask_image", None, "is required for inpaint")
@@ -319,6 +323,26 @@ class PreparedRequest(GenerationRequest):
             work = fill_masked(work, work_mask)
         paste = PasteBack(init, overlay, box)
         return self.model_copy(update={"init_image": work, "mask_image": work_mask, "paste": paste})
+
+
+def _check_task(request: GenerationRequest, limits: Limits) -> None:
+    """A prompt for every task but an upscale; an upscale makes one image, its size within the limits."""
+    if request.task is not Task.UPSCALE:
+        if not request.prompt:
+            raise FieldError("prompt", None, "is required")
+        return
+    if request.num_images != 1:
+        raise FieldError("num_images", request.num_images, "an upscale makes one image")
+    if request.init_image is not None:
+        upscale_size(request, limits)
+
+
+def upscale_size(request: GenerationRequest, limits: Limits) -> tuple[int, int]:
+    """An upscale's output size: width x height as sent (one: the other keeps the aspect), else the
+    init image's size x upscale_by."""
+    assert request.init_image is not None
+    size = request.init_image.size
+    return hires_size(size, request.upscale_by, request.width, request.height, limits, field="upscale_by")
 
 
 def _full_res(request: GenerationRequest) -> bool:

@@ -20,6 +20,7 @@ from sdserver.core.types import (
     PreparedRequest,
     Task,
     strength_problem,
+    upscale_size,
 )
 from sdserver.engine import families
 from sdserver.engine.control import control_images
@@ -36,6 +37,8 @@ from sdserver.engine.upscalers import Upscalers
 from sdserver.settings import Settings
 
 log = logging.getLogger(__name__)
+
+DEFAULT_UPSCALER = "Lanczos"  # an upscale task's when it names none
 
 LATENT_RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST,
                      "nearest-exact": Image.Resampling.NEAREST}  # fmt: skip
@@ -117,6 +120,8 @@ class Engine:
         """Check the request against its model and fill what the model decides: its name, the size,
         the steps and the guidance scale when the client gave none."""
         spec = self.registry.spec(request.model)
+        if request.task is Task.UPSCALE:
+            return self._prepare_upscale(request, spec.name)
         self.loras.check(request.loras)
         model = self.registry.get(spec.name)
         check_options(model, request)
@@ -132,6 +137,20 @@ class Engine:
             maps = control_images(self.controlnets, prepared, model.family.name, model.description.kind)
             prepared = prepared.model_copy(update={"control_images": maps})
         return prepared if prepared.hires is None else self._prepare_hires(prepared, model)
+
+    def _prepare_upscale(self, request: GenerationRequest, model: str) -> PreparedRequest:
+        """An upscale: the upscaler known, the size within the limits; no model is loaded for it."""
+        self.upscalers.check(request.upscaler or DEFAULT_UPSCALER, field="upscaler")
+        size = upscale_size(request, self.limits)
+        fields = {"model": model, "steps": 1, "guidance_scale": 0.0, "width": size[0], "height": size[1]}
+        return PreparedRequest.model_construct(**{**dict(request), **fields})
+
+    def run_upscale(self, request: PreparedRequest) -> list[GeneratedImage]:
+        """An upscale task (on the worker thread): the init image through its upscaler, at its size."""
+        assert request.init_image is not None and request.seed is not None
+        upscaler = request.upscaler or DEFAULT_UPSCALER
+        (picture,) = self.upscale([request.init_image], upscaler, request.width, request.height)
+        return [GeneratedImage(image=picture, seed=request.seed, nsfw=False)]
 
     def _prepare_hires(self, request: PreparedRequest, model: LoadedPipelines) -> PreparedRequest:
         """Check a hires fix against the limits and the model, and fill in its size and steps."""

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from sdserver.core.errors import GenerationError, OutOfMemory, SDServerError
-from sdserver.core.types import GeneratedImage, GenerationRequest, GenerationResult, LoraRef, Progress
+from sdserver.core.types import GeneratedImage, GenerationRequest, GenerationResult, LoraRef, Progress, Task
 from sdserver.service.jobs import Job
 from sdserver.service.metrics import Metrics
 
@@ -61,6 +61,8 @@ class Member:
 
 def group_key(request: GenerationRequest) -> tuple[object, ...]:
     """Jobs with equal keys can share a running set: same model, LoRA set, latent shape and ControlNets."""
+    if request.task is Task.UPSCALE:  # runs alone, never in a set
+        return ("upscale", id(request))
     return (request.model, request.loras, request.width, request.height, _controlnets(request))
 
 

@@ -36,7 +36,7 @@ from sdserver.core.errors import (
     Timeout,
     Unavailable,
 )
-from sdserver.core.types import GeneratedImage, GenerationRequest, GenerationResult, PreparedRequest, Progress
+from sdserver.core.types import GeneratedImage, GenerationRequest, GenerationResult, PreparedRequest, Progress, Task
 from sdserver.service.jobs import Job, JobStatus, JobStore
 from sdserver.service.metrics import Metrics
 from sdserver.service.running import RunningSet, SessionOpener, group_key
@@ -52,6 +52,8 @@ class EngineLike(Protocol):
     def second_pass(self, request: Any, images: Sequence[GeneratedImage]) -> GenerationRequest: ...
 
     def upscaled(self, request: Any, images: Sequence[GeneratedImage]) -> list[GeneratedImage]: ...
+
+    def run_upscale(self, request: Any) -> list[GeneratedImage]: ...
 
     def run(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[GeneratedImage]]: ...
 
@@ -364,6 +366,10 @@ class Scheduler:
 
     def _run_group(self, first: Job) -> None:
         """Run a running set opened by `first` until it empties; jobs with its group key join on the way."""
+        if first.request.task is Task.UPSCALE:
+            self._run_upscale(first)
+            self._set_running([])
+            return
         key = group_key(first.request)
         running: RunningSet | None = None
         try:
@@ -455,6 +461,10 @@ class Scheduler:
     def _run(self, batch: list[Job]) -> None:
         if not batch:
             return
+        if batch[0].request.task is Task.UPSCALE:  # batched only with upscales (the batch key has the task)
+            for job in batch:
+                self._run_upscale(job)
+            return
         for job in batch:
             job.mark_running()
             self.metrics.queue_wait_seconds.observe(time.monotonic() - job.enqueued_at)
@@ -493,6 +503,22 @@ class Scheduler:
             else:
                 job.succeed(GenerationResult(model=job.request.model or "", images=images))
                 self.metrics.images.labels(model=job.request.model or "").inc(len(images))
+
+    def _run_upscale(self, job: Job) -> None:
+        """An upscale task: no denoising, one call on the worker."""
+        job.mark_running()
+        self.metrics.queue_wait_seconds.observe(time.monotonic() - job.enqueued_at)
+        try:
+            images = self.engine.run_upscale(job.request)
+        except SDServerError as exc:
+            job.fail(exc)
+            return
+        except Exception as exc:  # a bug of ours: the request gets a clear error, the worker lives on
+            log.exception("worker error")
+            job.fail(GenerationError(f"internal error: {type(exc).__name__}: {exc}"))
+            return
+        job.report(Progress(step=1, total=1))
+        job.succeed(GenerationResult(model=job.request.model or "", images=images))
 
     def _follow_up(self, job: Job, images: list[GeneratedImage]) -> bool:
         """A hires fix's first pass has run: the job goes on to its second pass, queued first (it was

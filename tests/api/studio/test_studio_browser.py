@@ -223,6 +223,21 @@ def test_inpaint_changes_pixels_only_inside_the_drawn_mask(page: Page, server: L
     assert changed[mask].mean() > 0.5, "the masked area was not repainted"
 
 
+def test_the_hires_fix_from_the_studio_doubles_the_size(page: Page, server: LiveServer) -> None:
+    open_studio(page, server)
+    page.get_by_text("Hires fix").click()
+    page.get_by_label("Upscale, then a second pass at the larger size").check()
+    expect(page.get_by_label("Hires upscaler")).to_have_value("Latent")
+    page.get_by_label("Prompt", exact=True).fill("a hires circle")
+    page.get_by_label("Steps", exact=True).fill("3")
+    with page.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as sent:
+        page.get_by_role("button", name="Generate").click()
+    assert sent.value.post_data_json["hires"] == {"scale": 2, "upscaler": "Latent", "strength": 0.5}
+    result = page.locator("#results").get_by_role("img", name="a hires circle")
+    expect(result).to_be_visible()
+    assert _pixels(result.get_attribute("src") or "").shape == (128, 128, 3)
+
+
 def test_reuse_settings_from_a_history_item(page: Page, server: LiveServer) -> None:
     prompt = "a green square on a black background"
     submit_job(server, prompt=prompt, negative_prompt="blurry", steps=4, seed=1234, guidance_scale=3.5)

@@ -75,9 +75,13 @@ function wireKeyDialog() {
 
 // -- start-up ------------------------------------------------------------------------------------
 async function connect() {
-  let models, loras;
+  let models, loras, upscalers;
   try {
-    [models, loras] = await Promise.all([api("/models"), api("/sdapi/v1/loras").catch(() => [])]);
+    [models, loras, upscalers] = await Promise.all([
+      api("/models"),
+      api("/sdapi/v1/loras").catch(() => []),
+      api("/sdapi/v1/upscalers").catch(() => []),
+    ]);
   } catch (error) {
     if (error.status === 401) {
       await askForKey(apiKey() ? `The server refused the key: ${error.message}` : "");
@@ -89,11 +93,18 @@ async function connect() {
   clearMessages();
   setModels(models);
   setLoraChoices(loras.map((lora) => lora.name));
+  setUpscalers(upscalers.map((upscaler) => upscaler.name));
   refreshGallery();
   refreshQueue();
 }
 
 // -- models, samplers, sizes ---------------------------------------------------------------------
+function setUpscalers(names) {
+  // The hires fix's upscalers: the latent one first (no decode between the passes), then the others.
+  const choices = ["Latent", ...names.filter((name) => name !== "None")];
+  $("hires-upscaler").replaceChildren(...choices.map((name) => option(name, name)));
+}
+
 function option(value, text) {
   const element = document.createElement("option");
   element.value = value;
@@ -368,6 +379,13 @@ function requestBody() {
   if (seed !== undefined && seed !== -1) body.seed = seed;
   if (mode === "txt2img") {
     Object.assign(body, { width: numberField("width"), height: numberField("height") });
+    if ($("hires-on").checked) {
+      body.hires = {
+        scale: numberField("hires-scale"),
+        upscaler: $("hires-upscaler").value || "Latent",
+        strength: numberField("hires-strength"),
+      };
+    }
     return body;
   }
   if (!editor.loaded) throw new Error("init_image: choose, paste or drop an image to work on first.");
