@@ -135,10 +135,10 @@ def test_an_unknown_field_is_rejected_by_name() -> None:
 
 
 def test_an_unknown_task_is_rejected() -> None:
-    error = rejection({"prompt": PROMPT, "task": "upscale"})
+    error = rejection({"prompt": PROMPT, "task": "outpaint"})  # (upscale is a task now)
 
     assert error.field == "task"
-    assert "'upscale'" in error.message
+    assert "'outpaint'" in error.message
 
 
 # --- width and height ------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
-    field_validator,
     model_validator,
 )
 
@@ -68,6 +67,16 @@ def canonical_sampler(name: str) -> str:
     if found is None:
         raise ValueError(f"unknown sampler; valid: {', '.join(SAMPLER_NAMES)}")
     return found
+
+
+def _sampler_name(value: Any) -> Any:
+    """A sampler's canonical name (any case, or an alias); "" is none."""
+    if isinstance(value, str):
+        return canonical_sampler(value) if value.strip() else None
+    return value
+
+
+SamplerField = Annotated[str | None, BeforeValidator(_sampler_name)]  # an A1111 name (SAMPLER_NAMES)
 
 
 class Task(StrEnum):
@@ -139,16 +148,9 @@ class HiresFix(BaseModel):
     upscaler: str = Field(default="Latent", min_length=1, max_length=200)  # Latent..., Lanczos, Nearest, a model
     steps: int | None = Field(default=None, ge=0)  # 0 or None: the first pass's steps
     strength: float = Field(default=0.7, ge=0.0, le=1.0, allow_inf_nan=False)
-    sampler: str | None = None  # None: the first pass's
+    sampler: SamplerField = None  # None: the first pass's
     prompt: str | None = None  # None or "": the first pass's
     negative_prompt: str | None = None
-
-    @field_validator("sampler", mode="before")
-    @classmethod
-    def _sampler(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return canonical_sampler(value) if value.strip() else None
-        return value
 
     @property
     def latent(self) -> tuple[str, bool] | None:
@@ -180,7 +182,7 @@ class GenerationRequest(BaseModel):
     strength: float = Field(default=0.7, ge=0.0, le=1.0, allow_inf_nan=False)
     init_image: ImageField = None
     mask_image: ImageField = None
-    sampler: str | None = None  # an A1111 sampler name (SAMPLER_NAMES); None: the model's own scheduler
+    sampler: SamplerField = None  # an A1111 sampler name; None: the model's own scheduler
     clip_skip: int | None = Field(default=None, ge=1, le=12)  # A1111's: 1 = last CLIP layer, 2 = penultimate
     loras: LoraField = ()  # also read from <lora:name:weight> tags in the prompt
     hires: HiresFix | None = None  # txt2img: a second, upscaled pass (A1111's hires fix)
@@ -203,13 +205,6 @@ class GenerationRequest(BaseModel):
         prompt, tags = split_lora_tags(data["prompt"])
         given = _lora_refs(data.get("loras"))
         return {**data, "prompt": prompt, "loras": (*given, *tags)}
-
-    @field_validator("sampler", mode="before")
-    @classmethod
-    def _sampler(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return canonical_sampler(value) if value.strip() else None
-        return value
 
     @model_validator(mode="after")
     def _check_inputs(self, info: ValidationInfo) -> GenerationRequest:
@@ -329,7 +324,7 @@ def _check_task(request: GenerationRequest, limits: Limits) -> None:
     """A prompt for every task but an upscale; an upscale makes one image, its size within the limits."""
     if request.task is not Task.UPSCALE:
         if not request.prompt:
-            raise FieldError("prompt", None, "is required")
+            raise FieldError("prompt", request.prompt, "is required")
         return
     if request.num_images != 1:
         raise FieldError("num_images", request.num_images, "an upscale makes one image")
