@@ -616,10 +616,11 @@ def test_14_fields_not_taken_are_said_to_be_ignored(http: httpx.Client, caplog: 
     lines = _access_lines(caplog)
     assert lines[0]["ignored_fields"] == ["colour"] and lines[1]["ignored_openai"] == ["quality"]
     assert (lines[2]["ignored_fields"], lines[2]["ignored_openai"]) == (["colour"], ["quality"])
-    sent = {"enable_hr": True, "hr_scale": 2, "restore_faces": False, "override_settings": {"samples_format": "jpg"}}
+    sent = {"tiling": True, "hr_scale": 2, "restore_faces": False, "override_settings": {"samples_format": "jpg"}}
     a1111 = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64, **sent})
+    assert a1111.status_code == 200, a1111.text
     notes = json.loads(a1111.json()["info"])["notes"]
-    assert "enable_hr is not supported and was ignored" in notes
+    assert "tiling is not supported and was ignored" in notes  # (enable_hr is honoured now: issue 17)
     assert not any("hr_scale" in note or "restore_faces" in note for note in notes)  # off, or tuning what is off
     assert any("override_settings.samples_format" in note for note in notes)
 
