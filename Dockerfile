@@ -20,7 +20,9 @@ RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH}" "${TORCH
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY src ./src
+# spandrel (model upscalers) without its dependencies: it asks for torchvision, which sdserver does not need
 RUN pip install . \
+    && pip install --no-deps "spandrel>=0.4,<0.5" "einops>=0.7" \
     && useradd --create-home --uid 1000 sdserver \
     && mkdir -p /data/models /data/outputs /data/hf-cache \
     && chown -R sdserver:sdserver /data
