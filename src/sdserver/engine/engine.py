@@ -16,6 +16,7 @@ from sdserver.core.types import (
     SAMPLER_NAMES,
     GeneratedImage,
     GenerationRequest,
+    HiresFix,
     LoraRef,
     PreparedRequest,
     Task,
@@ -185,12 +186,18 @@ class Engine:
         )
         with self.registry.use(request.model) as model:
             session = Session(model, request.model, self.model_hash, self.controlnets)
-            if hires.latent is not None:
-                resample = LATENT_RESAMPLING.get(hires.latent[0], Image.Resampling.BILINEAR)
-                pictures = [image.image.resize(size, resample) for image in images]
-            else:
-                pictures = self.upscale([image.image for image in images], hires.upscaler, *size)
+            pictures = self._upscaled_pictures([image.image for image in images], hires, size)
             return session.final_images(final, pictures)
+
+    def _upscaled_pictures(
+        self, pictures: list[Image.Image], hires: HiresFix, size: tuple[int, int]
+    ) -> list[Image.Image]:
+        """The first pass's pictures at the hires size: a latent upscaler's interpolation done on the
+        pixels (where no latents go on), else the upscaler."""
+        if hires.latent is not None:
+            resample = LATENT_RESAMPLING.get(hires.latent[0], Image.Resampling.BILINEAR)
+            return [picture.resize(size, resample) for picture in pictures]
+        return self.upscale(pictures, hires.upscaler, *size)
 
     def second_pass(self, request: PreparedRequest, images: Sequence[GeneratedImage]) -> PreparedRequest:
         """A hires fix's second pass: the first pass's latents or images upscaled to the hires size, as
@@ -200,12 +207,12 @@ class Engine:
         size = self._hires_size(request)
         with self.registry.use(request.model) as model, failures(self.registry.device):
             factor = int(model.txt2img.vae_scale_factor)
-            if hires.latent is not None:
+            if hires.latent is not None and not model.inpainting_unet:  # an inpainting UNet starts from pixels
                 mode, antialias = hires.latent
                 start = upscaled_latents([image.latents for image in images], size, factor, mode, antialias)
                 pictures = [image.image.resize(size, Image.Resampling.LANCZOS) for image in images[:1]]
             else:
-                pictures = [self.upscalers.upscale(image.image, hires.upscaler, *size) for image in images]
+                pictures = self._upscaled_pictures([image.image for image in images], hires, size)
                 start = model.img2img.image_processor.preprocess(pictures, height=size[1], width=size[0])
         update = {
             "task": Task.IMG2IMG,

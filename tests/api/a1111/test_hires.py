@@ -106,3 +106,29 @@ def test_request_level_batching_runs_both_passes_too(tiny_model: Path) -> None:
         assert info_of(result)["extra_generation_params"]["Hires upscale"] == 1.5
     finally:
         server.stop()
+
+
+def test_an_inpainting_model_gives_each_image_its_own_second_pass(tiny_inpainting_model: Path) -> None:
+    """A 9-channel inpainting UNet starts its second pass from pixels (latent upscalers resample the
+    first pass's pictures alike), each image from its own."""
+    from sdserver.core.types import validate_request
+    from sdserver.engine import Engine
+    from sdserver.service.scheduler import Scheduler
+    from sdserver.settings import Settings
+
+    engine = Engine.from_settings(Settings(model=str(tiny_inpainting_model), device="cpu"))
+    engine.load()
+    scheduler = Scheduler(engine)
+    scheduler.start()
+    try:
+        hires = {"scale": 2, "upscaler": "Latent", "strength": 0.6}
+        request = {"prompt": "a red circle", "steps": STEPS, "width": SIZE, "height": SIZE, "hires": hires}
+        batch = scheduler.submit(validate_request({**request, "num_images": 2, "seed": 3})).wait(120).images
+        alone = scheduler.submit(validate_request({**request, "seed": 4})).wait(120).images
+    finally:
+        scheduler.stop()
+    assert [out.image.size for out in batch] == [(2 * SIZE, 2 * SIZE)] * 2
+    assert max_pixel_diff(batch[0].image, batch[1].image) > 0
+    # the second image as alone (measured 5/255: the tiny random 9-channel UNet amplifies the batched
+    # VAE's rounding); started from the first image's picture it was 232/255 off
+    assert max_pixel_diff(batch[1].image, alone[0].image) <= 8

@@ -167,7 +167,10 @@ class StableDiffusion(Family):
         request, pipe = state.request, model.inpaint
         init, mask, strength = _inpaint_inputs(request)
         height, width, count = request.height, request.width, request.num_images
-        image = pipe.image_processor.preprocess(init, height=height, width=width).to(dtype=torch.float32)
+        image = request.init_tensor  # a hires second pass: its upscaled pixels, a row per image
+        if image is None:
+            image = pipe.image_processor.preprocess(init, height=height, width=width)
+        image = image.to(dtype=torch.float32)
         with bound(pipe, state.scheduler):
             retrieve_timesteps(state.scheduler, request.steps, model.device)
             state.timesteps, _ = pipe.get_timesteps(
