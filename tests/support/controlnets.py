@@ -3,6 +3,7 @@ weights as a single file in the original (lllyasviel) layout, as people download
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +53,31 @@ def save_original(folder: Path, path: Path, *, prefix: str = "") -> Path:
     else:
         torch.save({"state_dict": state}, path)
     return path
+
+
+def make_tiny_transformer_controlnet(model_folder: Path, out: Path, *, seed: int = 0) -> Path:
+    """An SD3 or FLUX ControlNet from a tiny model's transformer (diffusers' `from_transformer`, one block
+    of each kind), saved with save_pretrained; its zero-initialised input and output layers get small
+    random weights, so it steers (a trained one does)."""
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel, SD3ControlNetModel, SD3Transformer2DModel
+
+    if (out / "config.json").is_file():
+        return out
+    config = json.loads((model_folder / "transformer" / "config.json").read_text(encoding="utf-8"))
+    torch.manual_seed(seed)
+    controlnet: Any
+    if config["_class_name"] == "SD3Transformer2DModel":
+        transformer = SD3Transformer2DModel.from_pretrained(model_folder / "transformer")
+        controlnet = SD3ControlNetModel.from_transformer(transformer, num_layers=1, num_extra_conditioning_channels=0)
+        zeroed = [controlnet.pos_embed_input, *controlnet.controlnet_blocks]
+    else:
+        transformer = FluxTransformer2DModel.from_pretrained(model_folder / "transformer")
+        heads = {key: config[key] for key in ("attention_head_dim", "num_attention_heads")}
+        controlnet = FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1, **heads)
+        zeroed = [controlnet.controlnet_x_embedder, *controlnet.controlnet_blocks, *controlnet.controlnet_single_blocks]
+    with torch.no_grad():
+        for module in zeroed:
+            for parameter in module.parameters():
+                parameter.normal_(0.0, 0.05)
+    controlnet.save_pretrained(out)
+    return out

@@ -11,7 +11,7 @@ unconditional half of classifier-free guidance).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,9 +25,11 @@ from sdserver.engine.controlnets import ControlNetLibrary, active, prepare_image
 
 if TYPE_CHECKING:
     from sdserver.engine.families.base import State
+    from sdserver.engine.loaders import LoadedPipelines
 
 SOFT_BASE = 0.825
 Residuals = tuple[list[torch.Tensor], torch.Tensor]
+Run = Callable[[Any, torch.Tensor], list[torch.Tensor]]
 
 
 @dataclass(eq=False)
@@ -40,7 +42,7 @@ class ActiveUnit:
     mode: str  # balanced | prompt | controlnet
 
 
-FAMILIES = ("sd", "sdxl")  # the families whose denoiser takes ControlNet residuals
+FAMILIES = ("sd", "sdxl", "sd3", "flux")  # the families whose denoiser takes ControlNet residuals
 
 
 def control_images(
@@ -67,16 +69,18 @@ def control_images(
     return tuple(maps)
 
 
-def attach(state: State, library: Any, device: torch.device, dtype: torch.dtype) -> None:
-    """Load the request's ControlNets and fit its control images (already preprocessed) to its size."""
+def attach(state: State, library: Any, model: LoadedPipelines, dtype: torch.dtype) -> None:
+    """Load the request's ControlNets and fit its control images (already preprocessed) to its size, as
+    the family's ControlNets take them (`Family.control_condition`: pixels, or encoded latents)."""
     request = state.request
     units = []
     for index, (unit, image) in enumerate(zip(request.controlnets, request.control_images, strict=True)):
-        controlnet = library.get(unit.name, device, dtype, field=f"controlnets[{index}].model")
+        controlnet = library.get(unit.name, model.device, dtype, field=f"controlnets[{index}].model")
+        pixels = prepare_image(image, request.width, request.height, unit.resize_mode)
         units.append(
             ActiveUnit(
                 controlnet=controlnet,
-                image=prepare_image(image, request.width, request.height, unit.resize_mode),
+                image=model.family.control_condition(model, pixels.to(model.device, dtype), controlnet),
                 weight=unit.weight,
                 start=unit.guidance_start,
                 end=unit.guidance_end,
@@ -94,20 +98,31 @@ def step_residuals(
     hidden: torch.Tensor,
     added: dict[str, torch.Tensor] | None = None,
 ) -> Residuals | None:
-    """The summed residuals of every unit for one step over the stacked rows (None: no ControlNet)."""
+    """A UNet's summed residuals of every unit for one step over the stacked rows (None: no ControlNet)."""
+
+    def run(controlnet: Any, conditions: torch.Tensor) -> list[torch.Tensor]:
+        latents = inputs[:, : controlnet.config.in_channels]  # an inpainting UNet's extra channels are not its
+        down, mid = residuals(controlnet, latents, timesteps, hidden, conditions, 1.0, added)
+        return [*down, mid]
+
+    total = summed_outputs(states, run)
+    return None if total is None else (total[:-1], total[-1])
+
+
+def summed_outputs(states: Sequence[State], run: Run) -> list[torch.Tensor] | None:
+    """Every unit's ControlNet outputs for one step (`run(controlnet, conditions)`: one forward over the
+    stacked rows, each output a row per denoiser row), weighted per row and summed over the units."""
     first: list[ActiveUnit] | None = states[0].extra.get("controls")
     if not first:
         return None
-    total: Residuals | None = None
+    total: list[torch.Tensor] | None = None
     for k, unit in enumerate(first):
         weights, soft = _row_weights(states, k)
         if not any(weights):
             continue
         images = stack_images([state.extra["controls"][k].image for state in states], [s.denoiser_rows for s in states])
-        latents = inputs[:, : unit.controlnet.config.in_channels]  # an inpainting UNet's extra channels are not its
-        down, mid = residuals(unit.controlnet, latents, timesteps, hidden, images, 1.0, added)
-        scaled = _weighted([*down, mid], weights, soft)
-        total = (scaled[:-1], scaled[-1]) if total is None else _add(total, scaled)
+        scaled = _weighted(run(unit.controlnet, images), weights, soft)
+        total = scaled if total is None else [a + b for a, b in zip(total, scaled, strict=True)]
     return total
 
 
@@ -138,8 +153,3 @@ def _weighted(outputs: list[torch.Tensor], weights: list[float], soft: list[bool
         factor = torch.where(softened, SOFT_BASE ** float(last - depth), 1.0).to(reference.dtype) * weight
         scaled.append(output * factor.view(-1, *([1] * (output.dim() - 1))))
     return scaled
-
-
-def _add(total: Residuals, scaled: list[torch.Tensor]) -> Residuals:
-    down, mid = total
-    return [a + b for a, b in zip(down, scaled[:-1], strict=True)], mid + scaled[-1]

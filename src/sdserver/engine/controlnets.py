@@ -168,11 +168,13 @@ class ControlNetLibrary:
 
 def load(entry: Entry, dtype: torch.dtype) -> ControlNet:
     """A ControlNet from its folder or single file, on the CPU."""
-    from diffusers import ControlNetModel
+    import diffusers
 
     if entry.is_folder:
+        class_name = _read_json(entry.path / "config.json").get("_class_name")
+        model_class = getattr(diffusers, class_name if class_name in _KIND_BY_CLASS else "ControlNetModel")
         try:
-            model = ControlNetModel.from_pretrained(entry.path, torch_dtype=dtype)
+            model = model_class.from_pretrained(entry.path, torch_dtype=dtype)
         except (OSError, ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"cannot load ControlNet {entry.name!r}: {exc}".splitlines()[0]) from exc
     else:
@@ -231,7 +233,13 @@ def _check_is_controlnet(keys: Any, name: str) -> None:
     raise UnsupportedModel(f"{name} is not a ControlNet (it has no input_hint_block or controlnet_cond_embedding)")
 
 
+# Transformer ControlNets (diffusers folders), by the class their config names.
+_KIND_BY_CLASS = {"SD3ControlNetModel": "sd3", "FluxControlNetModel": "flux"}
+
+
 def kind_of_config(config: Mapping[str, Any]) -> str:
+    if config.get("_class_name") in _KIND_BY_CLASS:
+        return _KIND_BY_CLASS[str(config["_class_name"])]
     context = config.get("cross_attention_dim")
     if isinstance(context, int) and context in _KIND_BY_CONTEXT:
         return _KIND_BY_CONTEXT[context]
@@ -391,5 +399,6 @@ def fit_control_image(image: Image.Image, width: int, height: int, mode: ResizeM
 
 
 def stack_images(images: Sequence[torch.Tensor], rows: Sequence[int]) -> torch.Tensor:
-    """One batch of control images: image i repeated for its `rows[i]` latent rows (states stacked)."""
-    return torch.cat([image.expand(count, -1, -1, -1) for image, count in zip(images, rows, strict=True)])
+    """One batch of control images: image i (one row: pixels, latents or packed latents) repeated for its
+    `rows[i]` denoiser rows (states stacked)."""
+    return torch.cat([image.expand(count, *image.shape[1:]) for image, count in zip(images, rows, strict=True)])

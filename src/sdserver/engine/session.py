@@ -47,7 +47,7 @@ class Session:
             before_encode(self.model)
             state = self.family.start(self.model, request, self.family.encode(self.model, request))
             dtype = state.latents.dtype
-            control.attach(state, self.controlnets, self.model.device, dtype)
+            control.attach(state, self.controlnets, self.model, dtype)
             return state
 
     def fits(self, states: Sequence[State], requests: Sequence[PreparedRequest]) -> bool:

@@ -228,6 +228,11 @@ class Family:
         """Images of finished states (all of one size), in order, one VAE call."""
         raise NotImplementedError
 
+    def control_condition(self, model: LoadedPipelines, pixels: torch.Tensor, controlnet: Any) -> torch.Tensor:
+        """A control image (1, 3, H, W, in 0..1) as this family's ControlNets take it: a UNet ControlNet
+        takes the pixels; transformer ones take them encoded (flow.py)."""
+        return pixels
+
     def image_latents(self, model: LoadedPipelines, state: State) -> torch.Tensor:
         """A finished state's latents as [rows, channels, h, w]: what img2img's `prepare_latents` takes as
         an already-encoded image (a hires fix's latent upscale starts its second pass from them)."""

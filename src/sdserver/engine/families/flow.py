@@ -66,6 +66,16 @@ class FlowFamily(Family):
     def decode(self, model: LoadedPipelines, states: Sequence[State]) -> list[Image.Image]:
         return self.decode_latents(model.txt2img, torch.cat([state.latents for state in states]))
 
+    def control_condition(self, model: LoadedPipelines, pixels: torch.Tensor, controlnet: Any) -> torch.Tensor:
+        """Transformer ControlNets take the control image encoded as the latents are (the VAE's mean, so
+        the same image conditions alike every time); InstantX's SD3 ones without the shift."""
+        vae = model.txt2img.vae
+        encoded = vae.encode((pixels * 2 - 1).to(vae.dtype)).latent_dist.mode()
+        unshifted = getattr(controlnet.config, "force_zeros_for_pooled_projection", False)
+        shift = 0.0 if unshifted else float(vae.config.shift_factor or 0.0)
+        latents: torch.Tensor = (encoded - shift) * vae.config.scaling_factor
+        return latents
+
 
 def strength(request: PreparedRequest) -> float:
     """The share of the schedule a request runs: all of it for txt2img."""

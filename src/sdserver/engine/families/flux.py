@@ -19,6 +19,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from PIL import Image
 
 from sdserver.core.types import PreparedRequest, Task
+from sdserver.engine.control import summed_outputs
 from sdserver.engine.families.base import (
     NO_CHECKER,
     Conditioning,
@@ -208,16 +209,36 @@ class Flux(FlowFamily):
         self, model: LoadedPipelines, states: Sequence[State], inputs: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
         first = states[0]
-        has_guidance = "guidance" in first.conditioning.tensors
+        guidance = stacked(states, "guidance") if "guidance" in first.conditioning.tensors else None
+        common = {
+            "timestep": timesteps.to(inputs.dtype) / 1000,
+            "pooled_projections": stacked(states, "pooled_projections"),
+            "encoder_hidden_states": stacked(states, "encoder_hidden_states"),
+            "txt_ids": first.conditioning.shared["txt_ids"],
+            "img_ids": first.extra["img_ids"],  # one size per running set, so one set of position ids
+        }
+        double = [0]  # how many of a ControlNet's outputs go to the double-stream blocks
+
+        def run(controlnet: Any, conditions: torch.Tensor) -> list[torch.Tensor]:
+            blocks, singles = controlnet(
+                hidden_states=inputs[..., : controlnet.config.in_channels],  # FLUX Fill's extra channels are not its
+                controlnet_cond=conditions,
+                conditioning_scale=1.0,
+                guidance=guidance if controlnet.config.guidance_embeds else None,
+                return_dict=False,
+                **common,
+            )
+            double[0] = len(blocks or ())
+            return [*(blocks or ()), *(singles or ())]
+
+        control = summed_outputs(states, run)  # None without ControlNets
         prediction: torch.Tensor = model.txt2img.transformer(
             hidden_states=inputs,
-            timestep=timesteps.to(inputs.dtype) / 1000,
-            guidance=stacked(states, "guidance") if has_guidance else None,
-            pooled_projections=stacked(states, "pooled_projections"),
-            encoder_hidden_states=stacked(states, "encoder_hidden_states"),
-            txt_ids=first.conditioning.shared["txt_ids"],
-            img_ids=first.extra["img_ids"],  # one size per running set, so one set of position ids
+            guidance=guidance,
+            controlnet_block_samples=control[: double[0]] or None if control else None,
+            controlnet_single_block_samples=control[double[0] :] or None if control else None,
             return_dict=False,
+            **common,
         )[0]
         return prediction
 
@@ -229,6 +250,16 @@ class Flux(FlowFamily):
             torch.cat([state.latents for state in states]), request.height, request.width, pipe.vae_scale_factor
         )
         return self.decode_latents(pipe, latents)
+
+    def control_condition(self, model: LoadedPipelines, pixels: torch.Tensor, controlnet: Any) -> torch.Tensor:
+        """FLUX ControlNets take the encoded control image packed as the latents are (XLabs' ones, with
+        their own hint encoder, the pixels in -1..1)."""
+        if getattr(controlnet, "input_hint_block", None) is not None:
+            return pixels * 2 - 1
+        latents = super().control_condition(model, pixels, controlnet)
+        batch, channels, height, width = latents.shape
+        packed: torch.Tensor = model.txt2img._pack_latents(latents, batch, channels, height, width)
+        return packed
 
     def image_latents(self, model: LoadedPipelines, state: State) -> torch.Tensor:
         request = state.request

@@ -15,6 +15,7 @@ import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
 from sdserver.core.types import PreparedRequest, Task
+from sdserver.engine.control import summed_outputs
 from sdserver.engine.families.base import (
     Conditioning,
     Description,
@@ -172,11 +173,28 @@ class StableDiffusion3(FlowFamily):
     def forward(
         self, model: LoadedPipelines, states: Sequence[State], inputs: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
+        hidden, pooled = stacked(states, "encoder_hidden_states"), stacked(states, "pooled_projections")
+        timestep = timesteps.to(inputs.dtype)
+
+        def run(controlnet: Any, conditions: torch.Tensor) -> list[torch.Tensor]:
+            config = controlnet.config
+            samples = controlnet(
+                hidden_states=inputs,
+                timestep=timestep,
+                encoder_hidden_states=hidden if config.joint_attention_dim is not None else None,
+                pooled_projections=torch.zeros_like(pooled) if config.force_zeros_for_pooled_projection else pooled,
+                controlnet_cond=conditions,
+                conditioning_scale=1.0,
+                return_dict=False,
+            )[0]
+            return list(samples)
+
         prediction: torch.Tensor = model.txt2img.transformer(
             hidden_states=inputs,
-            timestep=timesteps.to(inputs.dtype),
-            encoder_hidden_states=stacked(states, "encoder_hidden_states"),
-            pooled_projections=stacked(states, "pooled_projections"),
+            timestep=timestep,
+            encoder_hidden_states=hidden,
+            pooled_projections=pooled,
+            block_controlnet_hidden_states=summed_outputs(states, run),  # None without ControlNets
             return_dict=False,
         )[0]
         return prediction
