@@ -35,7 +35,7 @@ Run = Callable[[Any, torch.Tensor], list[torch.Tensor]]
 @dataclass(eq=False)
 class ActiveUnit:
     controlnet: Any  # diffusers.ControlNetModel, on the model's device
-    image: torch.Tensor  # (1, 3, height, width), 0..1, fitted by the unit's resize mode
+    image: torch.Tensor  # one row: the control image fitted to the request, as the family takes it
     weight: float
     start: float
     end: float

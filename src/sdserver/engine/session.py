@@ -89,7 +89,7 @@ class Session:
         the mask, and attach each image's parameters."""
         with failures(self.model.device), torch.no_grad():
             images = self.family.decode(self.model, states)
-            flags = self._check(images, [state for state in states for _ in range(state.rows)])
+            flags = self._check(images, [state.request for state in states for _ in range(state.rows)])
             results, offset = [], 0
             for state in states:
                 own = [
@@ -98,18 +98,19 @@ class Session:
                 ]
                 offset += state.rows
                 if state.request.needs_second_pass:  # a hires first pass: its latents go on, unchecked
+                    latents = self.family.image_latents(self.model, state)
                     for row, out in enumerate(own):
-                        out.latents = self.family.image_latents(self.model, state)[row : row + 1]
+                        out.latents = latents[row : row + 1]
                 else:
                     self._describe(state.request, own)
                 results.append(own)
             return results
 
-    def _check(self, images: list[Image.Image], row_states: list[State]) -> list[bool]:
-        """The safety checker's flags (flagged images blacked out in `images`), over the final images only:
-        a hires fix's first pass is checked as its second pass's result."""
+    def _check(self, images: list[Image.Image], row_requests: list[PreparedRequest]) -> list[bool]:
+        """The safety checker's flags (flagged images blacked out in `images`, one request per image), over
+        the final images only: a hires fix's first pass is checked as its second pass's result."""
         flags = [False] * len(images)
-        final = [row for row, state in enumerate(row_states) if not state.request.needs_second_pass]
+        final = [row for row, request in enumerate(row_requests) if not request.needs_second_pass]
         if self.model.checker is None or not final:
             return flags
         checked, found = self.model.checker.check([images[row] for row in final])
@@ -121,9 +122,8 @@ class Session:
         """Images made with no denoising step (a hires fix at strength 0: the upscale is the result),
         checked and described as any other."""
         with failures(self.model.device), torch.no_grad():
-            flags = [False] * len(pictures)
-            if self.model.checker is not None:
-                pictures, flags = self.model.checker.check(pictures)
+            pictures = list(pictures)
+            flags = self._check(pictures, [request] * len(pictures))
             images = [GeneratedImage(p, seed, f) for p, seed, f in zip(pictures, request.seeds, flags, strict=True)]
             self._describe(request, images)
             return images
