@@ -87,12 +87,23 @@ CAPTION_FORMS: list[tuple[str, float]] = [
     ("{shape} on a {bg} background", 0.05),
     ("a {shape}", 0.05),
 ]
-_FORM_CDF = list(itertools.accumulate(w for _, w in CAPTION_FORMS))
 
 
-def varied_caption(fg: int, shape: int, bg: int, u: float) -> str:
+def form_cdf(full_weight: float | None = None) -> list[float]:
+    """The cumulative weights of CAPTION_FORMS; `full_weight` replaces the full form's weight (the
+    fine-tuning stage lowers it so the short forms get more of the batch)."""
+    weights = [w for _, w in CAPTION_FORMS]
+    if full_weight is not None:
+        weights[0] = full_weight
+    return list(itertools.accumulate(weights))
+
+
+_FORM_CDF = form_cdf()
+
+
+def varied_caption(fg: int, shape: int, bg: int, u: float, cdf: list[float] = _FORM_CDF) -> str:
     """The caption of a scene in the form picked by `u` (uniform in [0, 1)) from CAPTION_FORMS."""
-    index = min(bisect.bisect_right(_FORM_CDF, u * _FORM_CDF[-1]), len(CAPTION_FORMS) - 1)
+    index = min(bisect.bisect_right(cdf, u * cdf[-1]), len(CAPTION_FORMS) - 1)
     return CAPTION_FORMS[index][0].format(fg=COLOURS[fg], shape=SHAPES[shape], bg=COLOURS[bg])
 
 
@@ -407,7 +418,15 @@ class LatentCache:
 
 @torch.no_grad()
 def encode_dataset(
-    vae, tok, n: int, seed: int, chunk: int = 256, quiet: bool = False, size: int = RESOLUTION, varied: bool = True
+    vae,
+    tok,
+    n: int,
+    seed: int,
+    chunk: int = 256,
+    quiet: bool = False,
+    size: int = RESOLUTION,
+    varied: bool = True,
+    cdf: list[float] = _FORM_CDF,
 ) -> LatentCache:
     """Generate n scenes of `size` px and cache their VAE posteriors and caption token ids (each
     caption in a random form of CAPTION_FORMS, or all in the full form unless `varied`)."""
@@ -425,7 +444,8 @@ def encode_dataset(
         if varied:
             forms = torch.rand(k, generator=gen).tolist()
             captions = [
-                varied_caption(int(f), int(s), int(g), u) for f, s, g, u in zip(b.fg, b.shape, b.bg, forms, strict=True)
+                varied_caption(int(f), int(s), int(g), u, cdf)
+                for f, s, g, u in zip(b.fg, b.shape, b.bg, forms, strict=True)
             ]
         ids.append(
             tok(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
@@ -735,6 +755,25 @@ def parse_args(argv=None):
         default="16,32,64,64",
         help="AutoencoderKL block_out_channels; 4 blocks = 8x down (SD geometry), 3 = 4x",
     )
+    ap.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="fine-tune the UNet and text encoder of this model folder instead of new ones (the bundled "
+        "demo is a from-scratch run, then a fine-tune of it: see docs/demo-model.md)",
+    )
+    ap.add_argument(
+        "--full-form-weight",
+        type=float,
+        default=None,
+        help=f"the weight of the full caption form among CAPTION_FORMS (default {CAPTION_FORMS[0][1]})",
+    )
+    ap.add_argument(
+        "--measure-scenes",
+        type=int,
+        default=1024,
+        help="scenes that measure the VAE's scaling factor (a quarter of them: its held-out reconstruction error)",
+    )
     ap.add_argument("--cache-size", type=int, default=30000, help="scenes encoded once for UNet training")
     ap.add_argument(
         "--hi-size", type=int, default=128, help="a second scene size (px) the UNet also trains on (0 = none)"
@@ -817,8 +856,8 @@ def run(args) -> dict:
         )
     vae.requires_grad_(False)
     summary["vae_minutes"] = (time.time() - t) / 60
-    summary["vae_recon_mse"] = vae_recon_mse(vae)
-    sf = float(vae.config.scaling_factor) if args.vae_from else measure_scaling_factor(vae)
+    summary["vae_recon_mse"] = vae_recon_mse(vae, n=max(1, args.measure_scenes // 4))
+    sf = float(vae.config.scaling_factor) if args.vae_from else measure_scaling_factor(vae, n=args.measure_scenes)
     vae.register_to_config(scaling_factor=sf)
     summary["scaling_factor"] = sf
     if vae_hist:
@@ -831,15 +870,28 @@ def run(args) -> dict:
 
     # 2. latents
     t = time.time()
-    cache = encode_dataset(vae, tok, args.cache_size, seed=args.seed + 1, quiet=args.quiet)
+    cdf = form_cdf(args.full_form_weight)
+    cache = encode_dataset(vae, tok, args.cache_size, seed=args.seed + 1, quiet=args.quiet, cdf=cdf)
     cache_hi = None
     if args.hi_size and args.hi_cache_size:
-        cache_hi = encode_dataset(vae, tok, args.hi_cache_size, seed=args.seed + 3, quiet=args.quiet, size=args.hi_size)
+        cache_hi = encode_dataset(
+            vae, tok, args.hi_cache_size, seed=args.seed + 3, quiet=args.quiet, size=args.hi_size, cdf=cdf
+        )
     print(f"encoded {args.cache_size} + {args.hi_cache_size} scenes in {time.time() - t:.0f} s", flush=True)
 
     # 3. text encoder + UNet
-    text_encoder = build_text_encoder(tok, args.text_hidden, args.text_layers)
-    unet = build_unet(_ints(args.unet_channels), args.text_hidden, args.unet_layers, args.text_time)
+    if args.init_from:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(str(args.init_from), subfolder="unet", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(
+            str(args.init_from), subfolder="text_encoder", torch_dtype=torch.float32
+        )
+        print(f"unet and text encoder: fine-tuning {args.init_from}")
+    else:
+        text_encoder = build_text_encoder(tok, args.text_hidden, args.text_layers)
+        unet = build_unet(_ints(args.unet_channels), args.text_hidden, args.unet_layers, args.text_time)
     print(f"text encoder: {n_params(text_encoder) / 1e6:.2f}M params; unet: {n_params(unet) / 1e6:.2f}M params")
     empty_ids = tok("", padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids[0]
     t = time.time()

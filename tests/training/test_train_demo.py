@@ -38,6 +38,8 @@ TINY = [
     "1e-2",
     "--vae-channels",
     "16,16,32,32",
+    "--measure-scenes",
+    "128",
     "--cache-size",
     "256",
     "--hi-cache-size",
@@ -105,6 +107,10 @@ def test_captions_come_in_the_full_and_the_short_forms(td):
     }
     forms = [td.varied_caption(red, circle, blue, u / 1000) for u in range(1000)]
     assert forms.count("a red circle on a blue background") == 450  # the full form stays the most common
+    # the fine-tuning stage gives the full form less weight, so the short forms get more of the batch
+    cdf = td.form_cdf(full_weight=0.2)
+    forms = [td.varied_caption(red, circle, blue, u / 1000, cdf) for u in range(1000)]
+    assert forms.count("a red circle on a blue background") == round(1000 * 0.2 / cdf[-1])
 
 
 def test_losses_go_down(tiny_run):
@@ -140,6 +146,17 @@ def test_output_folder_loads_and_generates(tiny_run):
     assert res.nsfw_content_detected == [False]
 
 
+def test_fine_tuning_starts_from_the_given_model(td, tiny_run, tmp_path):
+    """--init-from takes the UNet and text encoder of a trained folder: its first losses are the trained
+    model's, far below a new UNet's."""
+    out, s = tiny_run
+    short = {"--unet-steps": "3", "--cache-size": "64", "--hi-cache-size": "0"}
+    args = [short.get(previous, arg) for previous, arg in zip(["", *TINY[:-1]], TINY, strict=True)]
+    args += ["--vae-from", str(out), "--init-from", str(out), "--full-form-weight", "0.2", "--unet-lr", "1e-5"]
+    tuned = td.run(td.parse_args(["--out", str(tmp_path / "tuned"), "--seed", "4", *args]))
+    assert np.mean(tuned["unet_losses"]) < 0.8 * np.mean(s["unet_losses"][:3]), (tuned["unet_losses"], s["unet_losses"])
+
+
 def test_reproducible_from_seed(td, tmp_path):
     """The same seed gives the same losses and weights (same thread count): two short runs of every stage."""
     short = {"--vae-steps": "6", "--unet-steps": "4", "--cache-size": "32", "--hi-cache-size": "8"}
@@ -157,5 +174,5 @@ def test_reproducible_from_seed(td, tmp_path):
 def test_cli_help():
     r = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0
-    for opt in ("--seed", "--out", "--threads", "--vae-steps", "--unet-steps", "--unet-minutes"):
+    for opt in ("--seed", "--out", "--threads", "--vae-steps", "--unet-steps", "--unet-minutes", "--init-from"):
         assert opt in r.stdout
