@@ -182,6 +182,7 @@ class Registry:
         self.max_memory_bytes = max_memory_bytes
         self.load_count = 0
         self.unload_count = 0
+        self._uncollected = False  # dropped pipelines not yet garbage-collected
         self.device, self.dtype, self._token = device, dtype, token
         self.tuning = tuning  # speed switches and memory modes applied to each model as it loads
         self._encoders = dict(encoders or {})  # per family: what SD3/FLUX single files may borrow
@@ -269,6 +270,7 @@ class Registry:
             with self._lock:
                 self._loaded[spec.name] = pipelines
                 self._evict(room_for=0, incoming_bytes=0, keep=spec.name)  # others may have loaded meanwhile
+            self._after_unload()
             return pipelines
 
     @contextmanager
@@ -361,9 +363,15 @@ class Registry:
         """Forget a loaded model's pipelines (caller holds `_lock`; then call `_after_unload`)."""
         del self._loaded[name]
         self.unload_count += 1
+        self._uncollected = True
 
     def _after_unload(self) -> None:
-        """Return dropped pipelines' memory: the three pipelines share components, collect them all."""
+        """Return dropped pipelines' memory: the three pipelines share components, collect them all. Only
+        after a drop: a full collection of a big process takes seconds."""
+        with self._lock:
+            if not self._uncollected:
+                return
+            self._uncollected = False
         gc.collect()
         free_device_memory(self.device)
         release_host_memory()
