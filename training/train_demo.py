@@ -759,8 +759,8 @@ def parse_args(argv=None):
         "--init-from",
         type=Path,
         default=None,
-        help="fine-tune the UNet and text encoder of this model folder instead of new ones (the bundled "
-        "demo is a from-scratch run, then a fine-tune of it: see docs/demo-model.md)",
+        help="fine-tune the UNet and text encoder of this model folder instead of new ones (the short "
+        "caption forms, e.g. with a lower --full-form-weight)",
     )
     ap.add_argument(
         "--full-form-weight",
@@ -822,6 +822,22 @@ def _ints(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split(","))
 
 
+def text_encoder_and_unet(args, tok):
+    """New ones, or with --init-from a trained folder's (its architecture options win over the flags)."""
+    if not args.init_from:
+        text_encoder = build_text_encoder(tok, args.text_hidden, args.text_layers)
+        return text_encoder, build_unet(_ints(args.unet_channels), args.text_hidden, args.unet_layers, args.text_time)
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = str(args.init_from)
+    print(f"unet and text encoder: fine-tuning {folder}")
+    return (
+        CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.float32),
+        UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32),
+    )
+
+
 def run(args) -> dict:
     """Full pipeline; returns a summary dict (losses, timings, sizes)."""
     import warnings
@@ -880,18 +896,7 @@ def run(args) -> dict:
     print(f"encoded {args.cache_size} + {args.hi_cache_size} scenes in {time.time() - t:.0f} s", flush=True)
 
     # 3. text encoder + UNet
-    if args.init_from:
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
-
-        unet = UNet2DConditionModel.from_pretrained(str(args.init_from), subfolder="unet", torch_dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(
-            str(args.init_from), subfolder="text_encoder", torch_dtype=torch.float32
-        )
-        print(f"unet and text encoder: fine-tuning {args.init_from}")
-    else:
-        text_encoder = build_text_encoder(tok, args.text_hidden, args.text_layers)
-        unet = build_unet(_ints(args.unet_channels), args.text_hidden, args.unet_layers, args.text_time)
+    text_encoder, unet = text_encoder_and_unet(args, tok)
     print(f"text encoder: {n_params(text_encoder) / 1e6:.2f}M params; unet: {n_params(unet) / 1e6:.2f}M params")
     empty_ids = tok("", padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids[0]
     t = time.time()
