@@ -697,6 +697,11 @@ def save_pipeline(out: Path, unet, vae, text_encoder, tok, scheduler, fp16: bool
     # The tokenizer in CLIP's own file format (vocab.json + merges.txt), as SD checkpoints ship it.
     shutil.rmtree(out / "tokenizer")
     write_tokenizer_files(out / "tokenizer")
+    _tidy_configs(out)
+
+
+def _tidy_configs(out: Path) -> None:
+    """Make the saved configs read like a real SD model's and add sdserver's defaults."""
     # Without torchvision transformers substitutes CLIPImageProcessorPil; record the generic class
     # (it loads either way) so the folder reads like a real SD model.
     mi = json.loads((out / "model_index.json").read_text())
@@ -706,6 +711,12 @@ def save_pipeline(out: Path, unet, vae, text_encoder, tok, scheduler, fp16: bool
     cfg = json.loads(pc.read_text())
     cfg["image_processor_type"] = "CLIPImageProcessor"
     pc.write_text(json.dumps(cfg, indent=2) + "\n")
+    # A fine-tuned model's configs would record the folder it came from (a path on the trainer's machine).
+    for sub in ("unet", "vae"):
+        model_cfg = out / sub / "config.json"
+        cfg = json.loads(model_cfg.read_text())
+        if cfg.pop("_name_or_path", None) is not None:
+            model_cfg.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     # sdserver reads a model folder's own defaults from here (other servers ignore the file).
     (out / "sdserver.json").write_text(json.dumps(SDSERVER_DEFAULTS, indent=2) + "\n")
 

@@ -155,6 +155,8 @@ def test_fine_tuning_starts_from_the_given_model(td, tiny_run, tmp_path):
     args += ["--vae-from", str(out), "--init-from", str(out), "--full-form-weight", "0.2", "--unet-lr", "1e-5"]
     tuned = td.run(td.parse_args(["--out", str(tmp_path / "tuned"), "--seed", "4", *args]))
     assert np.mean(tuned["unet_losses"]) < 0.8 * np.mean(s["unet_losses"][:3]), (tuned["unet_losses"], s["unet_losses"])
+    for sub in ("unet", "vae"):  # the saved configs do not record the trainer's own paths
+        assert "_name_or_path" not in json.loads((tmp_path / "tuned" / sub / "config.json").read_text())
 
 
 def test_reproducible_from_seed(td, tmp_path):
