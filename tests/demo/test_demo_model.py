@@ -260,16 +260,6 @@ SHORT_PROMPTS = [
 ]
 
 
-# The bundled demo was trained on the full form at 64 px only. A retraining with the short forms and 128 px
-# (training/train_demo.py's defaults, 2000 UNet steps, 58 min) reached 3 of the 6 short forms and 128 px,
-# but lost a little on the full form and on inpainting, so it was not shipped. Strict: when a retrained
-# demo passes, the marks must go.
-NOT_YET_TRAINED = pytest.mark.xfail(
-    strict=True, reason="the bundled demo has not been retrained for the short forms and 128 px yet (issue 11)"
-)
-
-
-@NOT_YET_TRAINED
 @pytest.mark.parametrize("prompt,fg,shape,bg", SHORT_PROMPTS, ids=[p[0] for p in SHORT_PROMPTS])
 def test_short_prompt_forms(pipe, prompt, fg, shape, bg):
     res = [analyse(im) for im in sample(pipe, [prompt] * N_SEEDS)]
@@ -287,7 +277,6 @@ def test_short_prompt_forms(pipe, prompt, fg, shape, bg):
     assert len(colours) >= 3, f"the colour the prompt leaves out should be random, got {colours}"
 
 
-@NOT_YET_TRAINED
 def test_one_clean_shape_at_128_px(pipe):
     """Trained at 64 and 128 px: at 128 it draws one shape (twice the size), not tiles of small ones."""
     seeds = 5
