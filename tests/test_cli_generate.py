@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -68,13 +69,20 @@ def test_the_last_line_is_never_wrapped_whatever_the_terminal_width(tiny_model: 
 
 
 def test_ctrl_c_cancels_the_job_on_the_server_and_exits_130(live: LiveServer, tmp_path: Path) -> None:
-    args = [sys.executable, "-m", "sdserver", "generate", "x", "-o", str(tmp_path / "o.png"), "--url", live.url]
+    # -X faulthandler: a CLI that hangs is aborted and shows where each of its threads stood.
+    args = [sys.executable, "-X", "faulthandler", "-m", "sdserver", "generate", "x", "-o", str(tmp_path / "o.png")]
     with spying(live.app) as spy:
         spy.gate.clear()
-        process = subprocess.Popen([*args, "--steps", str(STEPS)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [*args, "--url", live.url, "--steps", str(STEPS)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         assert spy.entered.wait(120), "the job never started"
         process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=60)
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            pytest.fail(f"the CLI did not exit after Ctrl-C:\n{process.communicate(timeout=30)[0].decode()}")
     assert process.returncode == 130
     (job,) = live.scheduler.jobs.all()
     assert output.decode().splitlines() == [f"cancelled job {job.id} on {live.url}"]
